@@ -1,0 +1,162 @@
+// Parser for the test guest's report lines (port 0xe9), for tests that boot the guest under
+// QEMU or kvmig and for migration tests that follow it across hosts. The line formats are the
+// contract in docs/guest.md; a line that does not match exactly is kept in Report::other.
+#pragma once
+
+#include <charconv>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace kvmig::guest {
+
+struct StartLine {
+  uint32_t vcpus = 0;
+  uint64_t ws_pages = 0;
+  std::string pattern;
+  std::optional<uint64_t> rate_mibps;  // nullopt = rate=max
+};
+
+struct PassLine {
+  uint32_t vcpu = 0;
+  uint64_t n = 0;       // passes completed by this vCPU
+  uint64_t writes = 0;  // page writes by this vCPU so far
+  uint64_t errors = 0;  // errors seen by this vCPU so far
+  uint64_t tsc = 0;
+};
+
+struct CorruptLine {
+  uint32_t vcpu = 0;
+  uint64_t page = 0, want = 0, got = 0;
+};
+
+struct DoneLine {
+  bool pass = false;
+  uint64_t passes = 0, errors = 0;
+};
+
+namespace detail {
+
+// Splits "k1=v1 k2=v2" and requires exactly the keys given, in that order.
+inline bool fields(std::string_view s, std::initializer_list<std::string_view> keys,
+                   std::vector<std::string_view>& out) {
+  out.clear();
+  for (std::string_view key : keys) {
+    if (s.size() < key.size() + 1 || s.substr(0, key.size()) != key || s[key.size()] != '=')
+      return false;
+    s.remove_prefix(key.size() + 1);
+    size_t end = s.find(' ');
+    out.push_back(s.substr(0, end));
+    s = end == std::string_view::npos ? std::string_view{} : s.substr(end + 1);
+  }
+  return s.empty();
+}
+
+template <class T>
+bool number(std::string_view s, T& out) {
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
+  return !s.empty() && ec == std::errc{} && p == s.data() + s.size();
+}
+
+}  // namespace detail
+
+inline std::optional<StartLine> parse_start(std::string_view line) {
+  constexpr std::string_view prefix = "kvmig-guest: start ";
+  if (!line.starts_with(prefix)) return std::nullopt;
+  std::vector<std::string_view> f;
+  StartLine r;
+  if (!detail::fields(line.substr(prefix.size()), {"vcpus", "ws_pages", "pattern", "rate"}, f) ||
+      !detail::number(f[0], r.vcpus) || !detail::number(f[1], r.ws_pages) || f[2].empty())
+    return std::nullopt;
+  r.pattern = std::string(f[2]);
+  if (f[3] != "max") {
+    uint64_t rate = 0;
+    if (!detail::number(f[3], rate)) return std::nullopt;
+    r.rate_mibps = rate;
+  }
+  return r;
+}
+
+inline std::optional<PassLine> parse_pass(std::string_view line) {
+  constexpr std::string_view prefix = "kvmig-guest: pass ";
+  if (!line.starts_with(prefix)) return std::nullopt;
+  std::vector<std::string_view> f;
+  PassLine r;
+  if (!detail::fields(line.substr(prefix.size()), {"vcpu", "n", "writes", "errors", "tsc"}, f) ||
+      !detail::number(f[0], r.vcpu) || !detail::number(f[1], r.n) || !detail::number(f[2], r.writes) ||
+      !detail::number(f[3], r.errors) || !detail::number(f[4], r.tsc))
+    return std::nullopt;
+  return r;
+}
+
+inline std::optional<CorruptLine> parse_corrupt(std::string_view line) {
+  constexpr std::string_view prefix = "kvmig-guest: corrupt ";
+  if (!line.starts_with(prefix)) return std::nullopt;
+  std::vector<std::string_view> f;
+  CorruptLine r;
+  if (!detail::fields(line.substr(prefix.size()), {"vcpu", "page", "want", "got"}, f) ||
+      !detail::number(f[0], r.vcpu) || !detail::number(f[1], r.page) || !detail::number(f[2], r.want) ||
+      !detail::number(f[3], r.got))
+    return std::nullopt;
+  return r;
+}
+
+inline std::optional<DoneLine> parse_done(std::string_view line) {
+  constexpr std::string_view prefix = "kvmig-guest: done ";
+  if (!line.starts_with(prefix)) return std::nullopt;
+  std::vector<std::string_view> f;
+  DoneLine r;
+  if (!detail::fields(line.substr(prefix.size()), {"result", "passes", "errors"}, f) ||
+      (f[0] != "pass" && f[0] != "fail") || !detail::number(f[1], r.passes) ||
+      !detail::number(f[2], r.errors))
+    return std::nullopt;
+  r.pass = f[0] == "pass";
+  return r;
+}
+
+// Everything the guest said so far. feed() takes raw console bytes in any chunking.
+struct Report {
+  std::optional<StartLine> start;
+  std::vector<PassLine> passes;
+  std::vector<CorruptLine> corrupt;
+  std::optional<DoneLine> done;
+  std::vector<std::string> errors;  // "kvmig-guest: error ..." and "kvmig-guest: fault ..."
+  std::vector<std::string> other;   // anything else (firmware output, malformed lines)
+
+  void feed(std::string_view bytes) {
+    for (char c : bytes) {
+      if (c != '\n') {
+        partial_ += c;
+        continue;
+      }
+      if (!partial_.empty() && partial_.back() == '\r') partial_.pop_back();
+      add_line(partial_);
+      partial_.clear();
+    }
+  }
+
+  void add_line(std::string_view line) {
+    if (auto s = parse_start(line)) start = *s;
+    else if (auto p = parse_pass(line)) passes.push_back(*p);
+    else if (auto c = parse_corrupt(line)) corrupt.push_back(*c);
+    else if (auto d = parse_done(line)) done = *d;
+    else if (line.starts_with("kvmig-guest: error ") || line.starts_with("kvmig-guest: fault "))
+      errors.emplace_back(line);
+    else if (!line.empty()) other.emplace_back(line);
+  }
+
+  // Latest pass line of each vCPU that reported at least once.
+  std::map<uint32_t, PassLine> last_pass() const {
+    std::map<uint32_t, PassLine> last;
+    for (const PassLine& p : passes) last[p.vcpu] = p;
+    return last;
+  }
+
+ private:
+  std::string partial_;
+};
+
+}  // namespace kvmig::guest
