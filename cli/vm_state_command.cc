@@ -1,0 +1,160 @@
+// `kvmig vm save`: asks a running VM, over its control socket, to save itself to a file.
+// `kvmig vm restore`: builds an empty machine of the saved shape in this process, loads the
+// file into it and runs it on, as `kvmig vm run` would (same exit status convention).
+#include "cli/vm_state_command.h"
+
+#include <limits.h>
+#include <stdlib.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "host/machine_control.h"
+#include "kvm/machine_snapshot.h"
+#include "kvm/state_file.h"
+
+namespace kvmig::cli {
+namespace {
+
+constexpr int kVmError = 125;  // kvmig itself failed, not the guest (as `kvmig vm run`)
+
+[[noreturn]] void fail(const std::string& message) {
+  std::fprintf(stderr, "kvmig: error: %s\n", message.c_str());
+  throw CLI::RuntimeError(kVmError);
+}
+
+double gb_per_s(uint64_t bytes, double seconds) { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
+
+struct SaveOptions {
+  std::string control;
+  std::string output;
+  bool keep_running = false;
+};
+
+struct RestoreOptions {
+  std::string file;
+  std::string console;
+  std::string control;
+  bool no_control = false;
+};
+
+// The VM process has its own working directory: send it an absolute path.
+std::string absolute(const std::string& path) {
+  if (!path.empty() && path[0] == '/') return path;
+  char cwd[PATH_MAX];
+  if (::getcwd(cwd, sizeof(cwd)) == nullptr) fail("getcwd: " + std::string(std::strerror(errno)));
+  return std::string(cwd) + "/" + path;
+}
+
+void run_save(const SaveOptions& opt) {
+  nlohmann::json request{{"cmd", "save"}, {"path", absolute(opt.output)},
+                         {"keep_running", opt.keep_running}};
+  auto reply = host::control_request(opt.control, request);
+  if (!reply.ok()) fail(reply.error().message);
+  if (!reply->value("ok", false)) fail("save: " + reply->value("error", std::string("no reason given")));
+  std::fprintf(stderr, "kvmig: saved %s: %.2f GiB guest, %.1f MiB of pages, %.3f s (%.2f GB/s)\n",
+               opt.output.c_str(), reply->value("guest_bytes", 0.0) / (1ull << 30),
+               reply->value("data_bytes", 0.0) / (1 << 20), reply->value("seconds", 0.0),
+               gb_per_s(reply->value("guest_bytes", 0ull), reply->value("seconds", 0.0)));
+  if (opt.keep_running) return;
+  // The VM ends now; its process may close the socket before the reply gets out, which is
+  // fine: the save itself was already confirmed.
+  auto stopped = host::control_request(opt.control, {{"cmd", "stop"}, {"status", 0}});
+  if (stopped.ok() && !stopped->value("ok", false))
+    fail("stop after save: " + stopped->value("error", std::string("no reason given")));
+}
+
+int run_restore(const RestoreOptions& opt) {
+  auto reader = kvm::StateFileReader::open(opt.file);
+  if (!reader.ok()) fail(reader.error().message);
+  auto config = kvm::read_machine_config(*reader);
+  if (!config.ok()) fail(config.error().message);
+  config->console_path = opt.console;
+
+  auto machine = kvm::Machine::create(*config);
+  if (!machine.ok()) fail(machine.error().message);
+  kvm::Machine& vm = **machine;
+  auto stats = kvm::restore_machine(*reader, vm);
+  if (!stats.ok()) fail(stats.error().message);
+  std::fprintf(stderr, "kvmig: restored %s: %.2f GiB guest, %.1f MiB of pages, %.3f s (%.2f GB/s)\n",
+               opt.file.c_str(), stats->guest_bytes / double(1ull << 30),
+               stats->data_bytes / double(1 << 20), stats->seconds,
+               gb_per_s(stats->guest_bytes, stats->seconds));
+
+  host::ControlServer control;
+  host::register_machine_commands(control, vm);
+  register_state_commands(control, vm);
+  if (!opt.no_control) {
+    std::string path = opt.control.empty() ? host::ControlServer::default_path() : opt.control;
+    if (auto r = control.start(path); !r.ok()) {
+      if (!opt.control.empty()) fail("--control: " + r.error().message);
+      std::fprintf(stderr, "kvmig: warning: no control socket: %s\n", r.error().message.c_str());
+    }
+  }
+  if (auto r = vm.start(); !r.ok()) fail(r.error().message);
+  auto status = vm.wait();
+  control.stop();
+  if (!status.ok()) fail(status.error().message);
+  return *status;
+}
+
+}  // namespace
+
+void register_state_commands(host::ControlServer& server, kvm::Machine& machine) {
+  server.register_command("save", [&machine](const nlohmann::json& req) -> Result<nlohmann::json> {
+    if (!req.contains("path") || !req["path"].is_string() || req["path"].get<std::string>().empty())
+      return Error{"save: needs a non-empty string \"path\""};
+    if (req.contains("keep_running") && !req["keep_running"].is_boolean())
+      return Error{"save: \"keep_running\" must be true or false"};
+    std::string path = req["path"];
+    bool keep_running = req.value("keep_running", false);
+    bool was_paused = machine.paused();
+    KVMIG_TRY(machine.pause());
+    auto stats = kvm::save_machine(machine, path);
+    // A failed save leaves the VM as it found it: nothing was lost, so it runs on.
+    if (!stats.ok()) {
+      if (!was_paused) (void)machine.resume();
+      return std::move(stats.error());
+    }
+    bool resumed = keep_running && !was_paused;
+    if (resumed) KVMIG_TRY(machine.resume());
+    return nlohmann::json{{"path", path},
+                          {"guest_bytes", stats->guest_bytes},
+                          {"data_bytes", stats->data_bytes},
+                          {"file_bytes", stats->file_bytes},
+                          {"seconds", stats->seconds},
+                          {"paused", !resumed}};
+  });
+  server.register_command("stop", [&machine](const nlohmann::json& req) -> Result<nlohmann::json> {
+    if (req.contains("status") && !req["status"].is_number_integer())
+      return Error{"stop: \"status\" must be an integer"};
+    machine.stop(req.value("status", 0));
+    return nlohmann::json{{"stopping", true}};
+  });
+}
+
+void add_vm_state_commands(CLI::App& app) {
+  CLI::App* vm = app.get_subcommand("vm");
+  auto save_opt = std::make_shared<SaveOptions>();
+  CLI::App* save = vm->add_subcommand("save", "Pause a running VM and save its whole state to a file");
+  save->add_option("--control", save_opt->control, "The VM's control socket")->required();
+  save->add_option("--output", save_opt->output, "State file to write (appears only when complete)")
+      ->required();
+  save->add_flag("--keep-running", save_opt->keep_running,
+                 "Resume the VM after saving (default: the VM ends once saved)");
+  save->callback([save_opt] { run_save(*save_opt); });
+
+  auto restore_opt = std::make_shared<RestoreOptions>();
+  CLI::App* restore = vm->add_subcommand("restore", "Run a VM on from a state file written by `vm save`");
+  restore->add_option("file", restore_opt->file, "State file")->required();
+  restore->add_option("--console", restore_opt->console, "Write the guest's console to this file (default stdout)");
+  restore->add_option("--control", restore_opt->control, "Control socket path (default /run/kvmig/vm-<pid>.sock)");
+  restore->add_flag("--no-control", restore_opt->no_control, "Do not open a control socket");
+  restore->callback([restore_opt] {
+    int status = run_restore(*restore_opt);
+    if (status != 0) throw CLI::RuntimeError(status);
+  });
+}
+
+}  // namespace kvmig::cli

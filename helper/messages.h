@@ -1,0 +1,126 @@
+// Typed control messages of a migration session and their payload codecs. Every decoder
+// checks every field (lengths, counts, ranges, ids) and rejects trailing bytes; MEM_PAGES,
+// which must land in guest memory without a copy, lives in wire_pages.h.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "base/result.h"
+#include "helper/transport.h"
+#include "helper/wire.h"
+#include "kvm/migratable.h"
+
+namespace kvmig::helper {
+
+inline constexpr size_t kMaxMemRanges = 16;
+inline constexpr size_t kMaxIdLength = 64;        // migration ids and section ids
+inline constexpr size_t kMaxErrorText = 1024;
+inline constexpr uint32_t kMaxVcpus = 1024;
+
+struct MemRange {
+  uint64_t gpa = 0;
+  uint64_t size = 0;
+};
+
+// The guest-physical layout both sides agree on in HELLO: every MEM_PAGES run must fall
+// inside one range of it.
+struct MemoryLayout {
+  std::vector<MemRange> ranges;
+  bool contains(uint64_t gpa, uint64_t len) const;
+  uint64_t total() const;
+  // Ranges page-aligned, non-empty, sorted, non-overlapping, no wrap-around.
+  Result<void> validate() const;
+};
+
+// Feature bits in HELLO; the destination answers with the subset it accepts.
+inline constexpr uint64_t kFeatureCompression = 1u << 0;
+inline constexpr uint64_t kFeatureVerify = 1u << 1;
+inline constexpr uint64_t kKnownFeatures = kFeatureCompression | kFeatureVerify;
+
+struct Hello {
+  uint16_t version = kWireVersion;  // from the header: the version the source proposes
+  std::array<uint8_t, 32> auth_nonce{};  // filled by the auth layer; opaque here
+  std::array<uint8_t, 32> auth_token{};
+  std::string migration_id;  // [A-Za-z0-9._-], 1..64
+  std::array<uint8_t, 16> vm_uuid{};
+  uint32_t vcpus = 1;
+  MemoryLayout memory;
+  uint32_t dirty_ring_entries = 0;  // 0 = bitmap tracking (informational for the destination)
+  bool hugepages = false;
+  uint32_t streams = 1;  // data streams the source opened
+  uint64_t features = 0;
+};
+
+struct HelloAck {
+  uint16_t version = kWireVersion;  // the agreed version: every later message carries it
+  uint64_t features = 0;            // accepted subset of HELLO's features
+  std::array<uint8_t, 32> auth_token{};
+};
+
+// ERROR (a failure) and ABORT (a deliberate cancel): both end the session, both directions.
+struct ErrorMsg {
+  WireCode code = WireCode::internal;
+  std::string message;
+};
+
+// Sent on every data stream at the end of a round (the destination's stream readers meet on
+// it, so a page resent in round r+1 never lands before its round-r copy) and on control.
+struct RoundEnd {
+  uint32_t round = 0;
+  uint64_t pages = 0;       // pages sent this round on this stream (control: in total)
+  uint64_t zero_pages = 0;
+  uint64_t wire_bytes = 0;
+  uint64_t duration_ns = 0;
+  uint64_t dirty_pages_left = 0;
+};
+
+struct Verify {
+  uint64_t hash = 0;   // XXH3-64 over all guest RAM, ranges in layout order
+  uint64_t bytes = 0;  // bytes covered, must equal the layout's total
+};
+
+// Which STATE section ids the destination can restore.
+using SectionIdCheck = std::function<bool(std::string_view id)>;
+
+std::vector<uint8_t> encode(const Hello& m);
+std::vector<uint8_t> encode(const HelloAck& m);
+std::vector<uint8_t> encode(const ErrorMsg& m);
+std::vector<uint8_t> encode(const RoundEnd& m);
+std::vector<uint8_t> encode(const kvm::StateSection& m);
+std::vector<uint8_t> encode(const Verify& m);
+
+Result<Hello> decode_hello(std::span<const uint8_t> payload, uint16_t header_version);
+Result<HelloAck> decode_hello_ack(std::span<const uint8_t> payload);
+Result<ErrorMsg> decode_error(std::span<const uint8_t> payload);
+Result<RoundEnd> decode_round_end(std::span<const uint8_t> payload);
+Result<kvm::StateSection> decode_state(std::span<const uint8_t> payload,
+                                       const SectionIdCheck& known, uint64_t max_bytes);
+Result<Verify> decode_verify(std::span<const uint8_t> payload);
+// READY, COMMIT and DONE carry no payload.
+Result<void> decode_empty(std::span<const uint8_t> payload, MsgType type);
+
+// Sends header + payload in one gather write.
+Result<void> send_message(Stream& stream, uint16_t version, MsgType type,
+                          std::span<const uint8_t> payload = {});
+
+// A received header, and its payload unless it is MEM_PAGES: that payload is still on the
+// stream and must be read with PageBatchReceiver::receive (straight into guest memory), or
+// the session ended, since the stream is no longer at a message boundary.
+struct Message {
+  WireHeader header;
+  std::vector<uint8_t> payload;
+  MsgType type() const { return header.type; }
+};
+// version 0 accepts any version a peer may propose (the first message only).
+Result<Message> read_message(Stream& stream, uint16_t version, const WireLimits& limits);
+
+// An ERROR/ABORT from the peer as a local Error: "[code] peer: message".
+Error peer_error(const Message& message);
+
+}  // namespace kvmig::helper

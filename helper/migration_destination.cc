@@ -1,0 +1,274 @@
+#include "helper/migration_destination.h"
+
+#include <sys/socket.h>
+#include <xxhash.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <thread>
+
+#include "helper/messages.h"
+#include "helper/transport_pages.h"
+#include "kvm/guest_memory.h"
+#include "kvm/machine_snapshot.h"
+
+namespace kvmig::helper {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+class Receiver {
+ public:
+  Receiver(Connection& conn, const DestinationOptions& opt) : conn_(conn), opt_(opt) {}
+  ~Receiver() { stop_pages(); }
+
+  Result<ReceivedMachine> run();
+
+ private:
+  Result<void> hello();
+  Result<void> follow_control();
+  Result<void> load_and_ready();
+  Result<void> commit();
+  void page_loop();
+  void stop_pages();
+  Result<void> send_control(MsgType type, std::span<const uint8_t> payload = {}) {
+    std::lock_guard lock(send_mu_);
+    return send_message(*conn_.control, version_, type, payload);
+  }
+  void send_error(const Error& e) {
+    WireCode code = wire_code_of(e);
+    ErrorMsg m{code == WireCode::none ? WireCode::internal : code, e.message.substr(0, kMaxErrorText)};
+    (void)send_control(MsgType::error, encode(m));
+  }
+  // Unblocks a control read in progress (the page thread failed).
+  void interrupt_control() {
+    if (auto* fs = dynamic_cast<FdStream*>(conn_.control.get())) ::shutdown(fs->fd(), SHUT_RD);
+    else conn_.control->shutdown();
+  }
+
+  Connection& conn_;
+  DestinationOptions opt_;
+  uint16_t version_ = kWireVersion;
+  Hello hello_;
+  ReceivedMachine out_;
+  std::optional<kvm::MachineSnapshot> snapshot_;
+  std::set<std::string> part_ids_;
+  std::vector<kvm::StateSection> sections_;
+  std::optional<Verify> verify_;
+  std::mutex send_mu_;
+
+  // The page thread and what it shares with the control thread.
+  std::thread pages_thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  uint32_t rounds_done_ = 0;
+  std::vector<RoundStats> round_stats_;
+  std::optional<Error> page_error_;
+  bool stopping_ = false;
+};
+
+Result<void> Receiver::hello() {
+  KVMIG_ASSIGN(Message m, read_message(*conn_.control, 0, opt_.limits));
+  if (m.type() == MsgType::error || m.type() == MsgType::abort) return peer_error(m);
+  if (m.type() != MsgType::hello)
+    return wire_error(WireCode::unexpected, std::string("expected HELLO, got ") + msg_type_name(m.type()));
+  KVMIG_ASSIGN(hello_, decode_hello(m.payload, m.header.version));
+  // Answer errors from here on in the version the source can read: the lower one.
+  KVMIG_ASSIGN(version_, agree_version(hello_.version));
+  out_.migration_id = hello_.migration_id;
+  if (hello_.streams != conn_.data.size())
+    return wire_error(WireCode::config_mismatch, "HELLO says " + std::to_string(hello_.streams) +
+                                                     " data streams, the connection has " +
+                                                     std::to_string(conn_.data.size()));
+  // The layout must be exactly what this host's VMM builds for that much RAM: the pages
+  // land by guest-physical address, so any other layout would put them elsewhere.
+  uint64_t total = hello_.memory.total();
+  std::vector<kvm::SlotPlan> plan = kvm::plan_memory_layout(total);
+  bool same = plan.size() == hello_.memory.ranges.size();
+  for (size_t i = 0; same && i < plan.size(); ++i)
+    same = plan[i].gpa == hello_.memory.ranges[i].gpa && plan[i].size == hello_.memory.ranges[i].size;
+  if (!same) return wire_error(WireCode::config_mismatch, "HELLO memory layout is not one this VMM builds");
+
+  kvm::MachineConfig config;
+  config.memory = total;
+  config.vcpus = static_cast<int>(hello_.vcpus);
+  config.hugepages = hello_.hugepages;
+  config.dirty_ring_entries = hello_.dirty_ring_entries;
+  config.console_path = opt_.console_path;
+  config.start_time = opt_.start_time;
+  auto machine = kvm::Machine::create(config);
+  if (!machine.ok())
+    return wire_error(WireCode::config_mismatch, "cannot build the VM here: " + machine.error().message);
+  out_.machine = std::move(*machine);
+  auto snap = kvm::MachineSnapshot::of(*out_.machine);
+  if (!snap.ok()) return wire_error(WireCode::internal, snap.error().message);
+  snapshot_.emplace(std::move(*snap));
+  for (const std::string& id : snapshot_->part_ids()) part_ids_.insert(id);
+
+  HelloAck ack;
+  ack.version = version_;
+  ack.features = hello_.features & kKnownFeatures;
+  KVMIG_TRY(send_control(MsgType::hello_ack, encode(ack)));
+  pages_thread_ = std::thread([this] { page_loop(); });
+  return ok();
+}
+
+void Receiver::page_loop() {
+  kvm::Machine& vm = *out_.machine;
+  RoundReceiver rr(conn_, version_, hello_.memory,
+                   [&vm](uint64_t gpa, uint64_t len) { return vm.memory().host_ptr(gpa, len); },
+                   opt_.limits);
+  for (uint32_t round = 1;; ++round) {
+    auto st = rr.receive(round);
+    std::lock_guard lock(mu_);
+    if (stopping_) return;
+    if (!st.ok()) {
+      page_error_ = st.error();
+      page_error_->prefix("round " + std::to_string(round));
+      cv_.notify_all();
+      send_error(*page_error_);
+      interrupt_control();
+      return;
+    }
+    round_stats_.push_back(*st);
+    rounds_done_ = round;
+    cv_.notify_all();
+  }
+}
+
+void Receiver::stop_pages() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  if (pages_thread_.joinable()) {
+    for (auto& d : conn_.data) d->shutdown();
+    pages_thread_.join();
+  }
+}
+
+Result<void> Receiver::follow_control() {
+  uint32_t expect_round = 1;
+  const bool want_verify = hello_.features & kFeatureVerify;
+  while (sections_.size() < part_ids_.size() || (want_verify && !verify_)) {
+    auto msg = read_message(*conn_.control, version_, opt_.limits);
+    {
+      std::lock_guard lock(mu_);
+      if (page_error_) return *page_error_;
+    }
+    if (!msg.ok()) return std::move(msg.error());
+    Message& m = *msg;
+    switch (m.type()) {
+      case MsgType::error:
+      case MsgType::abort:
+        return peer_error(m);
+      case MsgType::round_end: {
+        KVMIG_ASSIGN(RoundEnd end, decode_round_end(m.payload));
+        if (end.round != expect_round || !sections_.empty())
+          return wire_error(WireCode::unexpected, "control ROUND_END of round " + std::to_string(end.round) +
+                                                      " where round " + std::to_string(expect_round) +
+                                                      " was due");
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [&] { return rounds_done_ >= end.round || page_error_; });
+        if (page_error_) return *page_error_;
+        const RoundStats& st = round_stats_[end.round - 1];
+        if (st.pages != end.pages)
+          return wire_error(WireCode::malformed, "round " + std::to_string(end.round) + ": control counts " +
+                                                     std::to_string(end.pages) + " pages, data streams carried " +
+                                                     std::to_string(st.pages));
+        out_.pages += st.pages;
+        out_.zero_pages += st.zero_pages;
+        out_.bytes += st.wire_bytes;
+        out_.rounds = end.round;
+        ++expect_round;
+        break;
+      }
+      case MsgType::state: {
+        if (expect_round == 1) return wire_error(WireCode::unexpected, "STATE before any memory round");
+        KVMIG_ASSIGN(kvm::StateSection s,
+                     decode_state(m.payload, [&](std::string_view id) { return part_ids_.count(std::string(id)) > 0; },
+                                  opt_.limits.max_control_payload));
+        for (const auto& have : sections_)
+          if (have.id == s.id) return wire_error(WireCode::malformed, "STATE section '" + s.id + "' sent twice");
+        sections_.push_back(std::move(s));
+        break;
+      }
+      case MsgType::verify: {
+        if (!want_verify || verify_) return wire_error(WireCode::unexpected, "VERIFY not agreed or sent twice");
+        KVMIG_ASSIGN(Verify v, decode_verify(m.payload));
+        verify_ = v;
+        break;
+      }
+      default:
+        return wire_error(WireCode::unexpected,
+                          std::string(msg_type_name(m.type())) + " during pre-copy/switch-over");
+    }
+  }
+  return ok();
+}
+
+Result<void> Receiver::load_and_ready() {
+  // Every round is in (each control ROUND_END waited for its data); the page thread now
+  // waits for a round that will never come.
+  stop_pages();
+  kvm::Machine& vm = *out_.machine;
+  if (verify_) {
+    if (verify_->bytes != vm.memory().ram_size())
+      return wire_error(WireCode::malformed, "VERIFY covers " + std::to_string(verify_->bytes) + " bytes of " +
+                                                 std::to_string(vm.memory().ram_size()));
+    XXH3_state_t* st = XXH3_createState();
+    XXH3_64bits_reset(st);
+    for (const auto& r : vm.memory().regions()) XXH3_64bits_update(st, r.host, r.size);
+    uint64_t h = XXH3_64bits_digest(st);
+    XXH3_freeState(st);
+    if (h != verify_->hash)
+      return wire_error(WireCode::internal, "VERIFY: guest memory hash differs from the source's");
+    out_.verified = true;
+  }
+  auto r = snapshot_->restore_parts(sections_);
+  if (!r.ok()) return wire_error(WireCode::internal, "loading state: " + r.error().message);
+  return send_control(MsgType::ready);
+}
+
+Result<void> Receiver::commit() {
+  KVMIG_ASSIGN(Message m, read_message(*conn_.control, version_, opt_.limits));
+  if (m.type() == MsgType::error || m.type() == MsgType::abort) return peer_error(m);
+  if (m.type() != MsgType::commit)
+    return wire_error(WireCode::unexpected, std::string("expected COMMIT, got ") + msg_type_name(m.type()));
+  KVMIG_TRY(decode_empty(m.payload, MsgType::commit));
+  auto begin = Clock::now();
+  // (The durable "migration completed" record belongs here, before the VM runs: host/.)
+  auto started = out_.machine->start();
+  if (!started.ok()) return wire_error(WireCode::internal, "starting the VM: " + started.error().message);
+  out_.resumed_at = Clock::now();
+  out_.commit_to_resume_ms = std::chrono::duration<double, std::milli>(out_.resumed_at - begin).count();
+  // The VM runs here now; a lost DONE leaves the source in doubt, which is its checker's job.
+  (void)send_control(MsgType::done);
+  return ok();
+}
+
+Result<ReceivedMachine> Receiver::run() {
+  Result<void> r = hello();
+  if (r.ok()) r = follow_control();
+  if (r.ok()) r = load_and_ready();
+  if (r.ok()) r = commit();
+  if (!r.ok()) {
+    send_error(r.error());
+    stop_pages();
+    conn_.control->shutdown();
+    out_.machine.reset();  // discarded: it never ran
+    return std::move(r.error());
+  }
+  return std::move(out_);
+}
+
+}  // namespace
+
+Result<ReceivedMachine> receive_machine(Connection& connection, const DestinationOptions& options) {
+  Receiver receiver(connection, options);
+  return receiver.run();
+}
+
+}  // namespace kvmig::helper

@@ -1,0 +1,59 @@
+// PageSender: one pre-copy round from guest memory to the data streams.
+//
+// Guest memory is cut in 2 MiB chunks and each chunk is pinned to one data stream by its
+// address (chunk index mod streams), so every copy of a page travels the same stream, in
+// order. Per chunk: first rearm the runs harvested dirty in it (write-protect them again),
+// THEN read and send its pages: a write after the read shows up in the next harvest, a
+// write before it is in what was read. Only the harvested runs are rearmed, never a whole
+// chunk, since rearming a page that was clean at harvest time but written since would clear
+// that write without sending it. A round ends with ROUND_END on every stream, which the
+// destination uses as a barrier (docs/protocol.md).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "base/result.h"
+#include "helper/compress.h"
+#include "helper/transport.h"
+#include "helper/transport_pages.h"
+#include "helper/wire_pages.h"
+#include "kvm/migratable.h"
+
+namespace kvmig::helper {
+
+inline constexpr uint64_t kChunkSize = 2ull << 20;
+inline constexpr uint64_t kChunkPages = kChunkSize / kPageSize;
+inline constexpr uint64_t kBatchPages = 4096;  // 16 MiB per MEM_PAGES: big writes, some overlap
+
+// Calls fn(first_page, pages) for each maximal run of set bits in [begin, end).
+void for_each_run(const uint64_t* bits, uint64_t begin, uint64_t end,
+                  const std::function<void(uint64_t, uint64_t)>& fn);
+uint64_t count_bits(std::span<const uint64_t> bits);
+
+class PageSender {
+ public:
+  PageSender(Connection& connection, uint16_t version, GpaResolver source, bool compress);
+
+  // Sends round `round`. `rearm` (may be empty: the final, paused round) holds the pages
+  // harvested dirty, rearmed through `tracker` chunk by chunk just before the chunk is read;
+  // `send` the pages to send, per slot, the same slots in the same order.
+  Result<RoundStats> send_round(uint32_t round, kvm::DirtyTracked* tracker,
+                                std::span<const kvm::DirtyBitmap> rearm,
+                                std::span<const kvm::DirtyBitmap> send);
+
+ private:
+  Result<void> send_stream(size_t s, uint32_t round, kvm::DirtyTracked* tracker,
+                           std::span<const kvm::DirtyBitmap> rearm,
+                           std::span<const kvm::DirtyBitmap> send, RoundStats& mine);
+
+  Connection& connection_;
+  uint16_t version_;
+  GpaResolver source_;
+  std::vector<std::unique_ptr<PageCompressor>> compressors_;  // per stream
+};
+
+}  // namespace kvmig::helper

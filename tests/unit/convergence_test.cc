@@ -1,0 +1,175 @@
+#include "helper/convergence.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+namespace kvmig::helper {
+namespace {
+
+constexpr double kGB = 1e9;
+
+ConvergenceInput base() {
+  ConvergenceInput in;
+  in.bandwidth = 2.5 * kGB;
+  in.state_seconds = 0.001;
+  in.max_downtime = 0.005;
+  in.elapsed = 1;
+  in.timeout = 60;
+  in.iteration = 3;
+  return in;
+}
+
+TEST(Convergence, SwitchesOverWhenTheRestFitsTheBudget) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 8'000'000;  // 3.2 ms at 2.5 GB/s, + 1 ms state
+  auto d = decide_round(in);
+  EXPECT_EQ(d.verdict, Verdict::switch_over) << d.reason;
+  EXPECT_NEAR(d.expected_downtime, 0.0042, 1e-6);
+  in.dirty_bytes = 11'000'000;  // 4.4 + 1 ms: just over
+  EXPECT_NE(decide_round(in).verdict, Verdict::switch_over);
+}
+
+TEST(Convergence, IdleGuestSwitchesOverEvenWithoutBandwidth) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 0;
+  in.bandwidth = 0;
+  auto d = decide_round(in);
+  EXPECT_EQ(d.verdict, Verdict::switch_over);
+  EXPECT_DOUBLE_EQ(d.expected_downtime, 0.001);
+}
+
+TEST(Convergence, ZeroBandwidthKeepsCopyingUntilTheTimeout) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 1 << 20;
+  in.bandwidth = 0;
+  in.dirty_rate = 5 * kGB;  // no basis for a throttle without a bandwidth
+  auto d = decide_round(in);
+  EXPECT_EQ(d.verdict, Verdict::keep_copying);
+  EXPECT_TRUE(std::isinf(d.expected_downtime));
+  EXPECT_EQ(d.throttle, 0);
+  in.elapsed = 60;
+  EXPECT_EQ(decide_round(in).verdict, Verdict::give_up);
+}
+
+TEST(Convergence, TimeoutWinsOverEverything) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 1;
+  in.elapsed = 61;
+  EXPECT_EQ(decide_round(in).verdict, Verdict::give_up);
+  in.timeout = 0;  // no limit
+  EXPECT_EQ(decide_round(in).verdict, Verdict::switch_over);
+}
+
+TEST(Convergence, GivesUpWhenStateAloneExceedsTheBudget) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 0;
+  in.state_seconds = 0.006;
+  EXPECT_EQ(decide_round(in).verdict, Verdict::give_up);
+}
+
+TEST(Convergence, ThrottlesInProportionButNeverFreezes) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 1ull << 30;
+  in.dirty_rate = 2.5 * kGB;  // as fast as the link: would never converge
+  auto d = decide_round(in);
+  ASSERT_EQ(d.verdict, Verdict::throttle) << d.reason;
+  EXPECT_NEAR(d.throttle, 0.5, 1e-9) << "(1 - s) * rate = half the link";
+  in.dirty_rate = 10 * kGB;
+  EXPECT_NEAR(decide_round(in).throttle, 0.875, 1e-9);
+  in.dirty_rate = 1000 * kGB;
+  d = decide_round(in);
+  EXPECT_EQ(d.verdict, Verdict::throttle);
+  EXPECT_DOUBLE_EQ(d.throttle, 0.95) << "capped below 100%";
+  in.max_throttle = 1.0;
+  EXPECT_LT(decide_round(in).throttle, 1.0) << "even a cap of 1 never freezes";
+}
+
+TEST(Convergence, ThrottleAccountsForTheThrottleAlreadyApplied) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 1ull << 30;
+  in.dirty_rate = 2.5 * kGB;  // measured while stunned half the time: really 5 GB/s
+  in.throttle = 0.5;
+  EXPECT_NEAR(decide_round(in).throttle, 0.75, 1e-9);
+}
+
+TEST(Convergence, ConvergingGuestKeepsCopyingAndKeepsItsThrottle) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 100 << 20;
+  in.prev_dirty_bytes = 400 << 20;
+  in.dirty_rate = 0.5 * kGB;
+  in.throttle = 0.3;  // (0.5 / 0.7) GB/s raw, well under half the link
+  auto d = decide_round(in);
+  EXPECT_EQ(d.verdict, Verdict::keep_copying) << d.reason;
+  EXPECT_DOUBLE_EQ(d.throttle, 0.3);
+}
+
+TEST(Convergence, StalledOnHotPagesStepsTheThrottleUp) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 100 << 20;
+  in.prev_dirty_bytes = 102 << 20;  // < 10% progress
+  in.dirty_rate = 0.2 * kGB;
+  auto d = decide_round(in);
+  EXPECT_EQ(d.verdict, Verdict::throttle) << d.reason;
+  EXPECT_NEAR(d.throttle, kStallStep, 1e-9);
+  in.throttle = 0.95;
+  in.dirty_rate = 0.05 * kGB;  // 1 GB/s raw: proportional throttling has nothing to add
+  d = decide_round(in);
+  EXPECT_EQ(d.verdict, Verdict::keep_copying) << "at the cap: only the timeout is left";
+  EXPECT_DOUBLE_EQ(d.throttle, 0.95);
+  in.iteration = 1;  // too early to call it a stall
+  in.throttle = 0;
+  EXPECT_EQ(decide_round(in).verdict, Verdict::keep_copying);
+}
+
+std::vector<uint64_t> bits(std::initializer_list<int> pages, size_t words = 2) {
+  std::vector<uint64_t> b(words, 0);
+  for (int p : pages) b[p / 64] |= uint64_t{1} << (p % 64);
+  return b;
+}
+
+TEST(HotPages, StreaksCountConsecutiveDirtyRounds) {
+  std::vector<uint8_t> streak;
+  update_rewrite_history(streak, bits({1, 2}), 100);
+  update_rewrite_history(streak, bits({1, 3}), 100);
+  update_rewrite_history(streak, bits({1, 3, 70}), 100);
+  ASSERT_EQ(streak.size(), 100u);
+  EXPECT_EQ(streak[1], 3);
+  EXPECT_EQ(streak[2], 0) << "a clean round breaks the streak";
+  EXPECT_EQ(streak[3], 2);
+  EXPECT_EQ(streak[70], 1);
+  for (int i = 0; i < 300; ++i) update_rewrite_history(streak, bits({1}), 100);
+  EXPECT_EQ(streak[1], 255) << "saturates";
+}
+
+TEST(HotPages, HotPagesAreDeferredAndCooledOnesComeBack) {
+  std::vector<uint8_t> streak(128, 0);
+  streak[1] = 3;   // hot
+  streak[2] = 1;   // dirty once: sent
+  streak[65] = 4;  // hot
+  auto send = bits({1, 2, 65});
+  std::vector<uint64_t> deferred(2, 0);
+  EXPECT_EQ(defer_hot_pages(streak, send, deferred, 3, 100), 2u);
+  EXPECT_EQ(send, bits({2}));
+  EXPECT_EQ(deferred, bits({1, 65}));
+
+  // Next round: page 1 still hot (dirty again), page 65 cooled (clean this round).
+  streak[1] = 4;
+  streak[65] = 0;
+  send = bits({1});
+  EXPECT_EQ(defer_hot_pages(streak, send, deferred, 3, 100), 1u);
+  EXPECT_EQ(send, bits({65})) << "cooled page goes now; still-hot page stays deferred";
+  EXPECT_EQ(deferred, bits({1}));
+}
+
+TEST(HotPages, DeferralIsCapped) {
+  std::vector<uint8_t> streak(128, 5);
+  auto send = bits({0, 1, 2, 3});
+  std::vector<uint64_t> deferred(2, 0);
+  EXPECT_EQ(defer_hot_pages(streak, send, deferred, 2, 2), 2u);
+  EXPECT_EQ(send, bits({2, 3})) << "beyond the cap hot pages are sent as usual";
+  EXPECT_EQ(deferred, bits({0, 1}));
+}
+
+}  // namespace
+}  // namespace kvmig::helper
