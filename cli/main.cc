@@ -6,12 +6,16 @@
 #include "cli/vm_state_command.h"
 
 void add_vm_command(CLI::App& app);
+void add_migrate_command(CLI::App& app);
+void add_receive_command(CLI::App& app);
 
 int main(int argc, char** argv) {
   CLI::App app{"kvmig: live migration of KVM virtual machines"};
   app.require_subcommand(1);
   add_vm_command(app);
   kvmig::cli::add_vm_state_commands(app);  // save/restore, under "vm"
+  add_migrate_command(app);
+  add_receive_command(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

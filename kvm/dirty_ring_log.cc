@@ -97,10 +97,20 @@ Result<uint64_t> DirtyRingLog::collect_locked() {
   return taken;
 }
 
-Result<void> DirtyRingLog::handle_ring_full() {
+Result<void> DirtyRingLog::handle_ring_full(size_t vcpu) {
   std::lock_guard lock(mu_);
+  if (vcpu >= rings_.size())
+    return Error{"dirty ring full on vCPU " + std::to_string(vcpu) + ", which has no ring attached"};
   ++ring_full_;
   KVMIG_TRY(collect_locked());
+  Ring& ring = rings_[vcpu];
+  // KVM only reports a ring full after pushing entries into it, and we take every entry it
+  // publishes, so each full exit must find the fetch index moved since the previous one.
+  if (ring.full_seen && ring.fetch == ring.fetch_at_last_full)
+    return Error{"dirty ring of vCPU " + std::to_string(vcpu) +
+                 " overflowed inside KVM (full, with no entry to harvest): dirty pages were lost"};
+  ring.full_seen = true;
+  ring.fetch_at_last_full = ring.fetch;
   return ok();
 }
 

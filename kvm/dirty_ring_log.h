@@ -10,7 +10,7 @@
 //        KVMIG_ASSIGN(ring, DirtyRingLog::enable(vm_fd, config.dirty_ring_entries));
 //   2. after each KVM_CREATE_VCPU:  KVMIG_TRY(ring->attach_vcpu(vcpu_fd));
 //   3. in the vCPU loop, on kvm_run->exit_reason == KVM_EXIT_DIRTY_RING_FULL:
-//        KVMIG_TRY(ring->handle_ring_full());   then re-enter KVM_RUN.
+//        KVMIG_TRY(ring->handle_ring_full(vcpu_index));   then re-enter KVM_RUN.
 //      KVM refuses to run the vCPU until its ring has room again; this drains every ring
 //      into the current sink (the DirtyTracker while tracking, else nowhere) and resets.
 //   4. keep the DirtyRingLog alive until the vCPUs are gone (the rings are mmapped).
@@ -58,10 +58,14 @@ class DirtyRingLog {
   // number of entries taken. Safe to call while vCPUs run, from any thread.
   Result<uint64_t> collect();
 
-  // For the vCPU loop on KVM_EXIT_DIRTY_RING_FULL: empties the rings (same as collect()).
-  // Serialised with any harvester by the ring lock, so when it returns this vCPU's ring has
-  // been reset and KVM_RUN can be entered again.
-  Result<void> handle_ring_full();
+  // For vCPU `vcpu` (its attach order) on KVM_EXIT_DIRTY_RING_FULL: empties the rings (as
+  // collect()). Serialised with any harvester by the ring lock, so when it returns this
+  // vCPU's ring has been reset and KVM_RUN can be entered again. A ring reported full twice
+  // with not one entry taken from it in between has overflowed inside KVM (entries were
+  // overwritten, so dirty pages are lost): that is an error, not a loop of full exits.
+  // Seen on kvm-pvm, whose batch emulation of CPL0 code pushes past the ring's reserve
+  // without checking it; real KVM stops the vCPU within the reserve.
+  Result<void> handle_ring_full(size_t vcpu);
 
   // Number of KVM_EXIT_DIRTY_RING_FULL handled, for stats.
   uint64_t ring_full_count() const;
@@ -70,6 +74,8 @@ class DirtyRingLog {
   struct Ring {
     kvm_dirty_gfn* gfns = nullptr;
     uint32_t fetch = 0;  // next entry to look at; free-running, masked on use
+    uint32_t fetch_at_last_full = 0;
+    bool full_seen = false;
   };
 
   DirtyRingLog(int vm_fd, uint32_t entries, bool acq_rel) : vm_fd_(vm_fd), entries_(entries), acq_rel_(acq_rel) {}

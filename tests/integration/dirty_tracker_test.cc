@@ -246,7 +246,8 @@ TEST_F(DirtyRingTest, RingFullExitsLoseNothing) {
   rearm_all(*rig.tracker);
   std::mt19937_64 rng(4);
   auto w = random_pages(rng, rig.vm->ring()->entries() * 3);
-  ASSERT_TRUE(rig.vm->guest_write(w, 11).ok());
+  auto r = rig.vm->guest_write(w, 11, /*exit_each=*/true);
+  ASSERT_TRUE(r.ok()) << r.error().message;
   EXPECT_GE(rig.vm->ring_full_exits(), 2u);
   EXPECT_EQ(rig.vm->ring()->ring_full_count(), rig.vm->ring_full_exits());
   EXPECT_EQ(harvest(*rig.tracker), pages_of(w));

@@ -1,0 +1,108 @@
+#include "host/migrate_command.h"
+
+#include <memory>
+#include <mutex>
+
+#include "kvm/dirty_tracker.h"
+
+namespace kvmig::host {
+namespace {
+
+struct MigrateState {
+  std::mutex mu;
+  bool running = false;
+  std::string last_result;
+  helper::MigrationProgress progress;
+};
+
+Result<void> check_type(const nlohmann::json& r, const char* key, nlohmann::json::value_t want,
+                        const char* what) {
+  if (!r.contains(key)) return ok();
+  const auto t = r[key].type();
+  bool fine = t == want || (want == nlohmann::json::value_t::number_float &&
+                            (t == nlohmann::json::value_t::number_integer ||
+                             t == nlohmann::json::value_t::number_unsigned)) ||
+              (want == nlohmann::json::value_t::number_unsigned && t == nlohmann::json::value_t::number_integer &&
+               r[key].get<int64_t>() >= 0);
+  if (!fine) return Error{std::string("migrate: \"") + key + "\" must be " + what};
+  return ok();
+}
+
+}  // namespace
+
+Result<helper::SourceOptions> parse_migrate_request(const nlohmann::json& r) {
+  using vt = nlohmann::json::value_t;
+  helper::SourceOptions o;
+  if (!r.contains("to") || !r["to"].is_string()) return Error{"migrate: needs a string \"to\" (HOST:PORT or unix:PATH)"};
+  auto ep = helper::parse_endpoint(r["to"].get<std::string>());
+  if (!ep.ok()) return std::move(ep.error().prefix("migrate: \"to\""));
+  o.to = *ep;
+  KVMIG_TRY(check_type(r, "streams", vt::number_unsigned, "a number of streams"));
+  KVMIG_TRY(check_type(r, "compress", vt::boolean, "true or false"));
+  KVMIG_TRY(check_type(r, "verify", vt::boolean, "true or false"));
+  KVMIG_TRY(check_type(r, "dirty_tracking", vt::string, "\"bitmap\" or \"ring\""));
+  KVMIG_TRY(check_type(r, "granularity", vt::number_unsigned, "a size in bytes"));
+  KVMIG_TRY(check_type(r, "max_downtime_ms", vt::number_float, "a number of milliseconds"));
+  KVMIG_TRY(check_type(r, "timeout_s", vt::number_float, "a number of seconds"));
+  KVMIG_TRY(check_type(r, "migration_id", vt::string, "a string"));
+  uint64_t streams = r.value("streams", uint64_t{1});
+  if (streams < 1 || streams > static_cast<uint64_t>(helper::kMaxStreams))
+    return Error{"migrate: \"streams\" must be 1.." + std::to_string(helper::kMaxStreams)};
+  o.streams = static_cast<int>(streams);
+  o.compress = r.value("compress", false);
+  o.verify = r.value("verify", false);
+  std::string tracking = r.value("dirty_tracking", std::string("bitmap"));
+  if (tracking != "bitmap" && tracking != "ring")
+    return Error{"migrate: \"dirty_tracking\" must be \"bitmap\" or \"ring\", not \"" + tracking + "\""};
+  o.ring = tracking == "ring";
+  o.granularity = r.value("granularity", uint64_t{4096});
+  if (o.granularity < kvm::kMinTraceGranularity || o.granularity > kvm::kMaxTraceGranularity ||
+      (o.granularity & (o.granularity - 1)) != 0)
+    return Error{"migrate: \"granularity\" must be a power of two from 4K to 2M"};
+  double max_downtime_ms = r.value("max_downtime_ms", 5.0);
+  if (!(max_downtime_ms > 0 && max_downtime_ms <= 60000))
+    return Error{"migrate: \"max_downtime_ms\" must be in (0, 60000]"};
+  o.max_downtime = max_downtime_ms / 1000;
+  o.timeout = r.value("timeout_s", 60.0);
+  if (!(o.timeout >= 0 && o.timeout <= 86400)) return Error{"migrate: \"timeout_s\" must be in [0, 86400]"};
+  o.migration_id = r.value("migration_id", std::string());
+  return o;
+}
+
+void register_migrate_commands(ControlServer& server, kvm::Machine& machine) {
+  auto state = std::make_shared<MigrateState>();
+  server.register_command("migrate", [&machine, state](const nlohmann::json& req) -> Result<nlohmann::json> {
+    KVMIG_ASSIGN(helper::SourceOptions opt, parse_migrate_request(req));
+    {
+      std::lock_guard lock(state->mu);
+      if (state->running) return Error{"migrate: a migration of this VM is already in progress"};
+      if (state->last_result == "completed" || state->last_result == "in-doubt")
+        return Error{"migrate: this VM was already migrated away (" + state->last_result + ")"};
+      state->running = true;
+      state->progress.phase = helper::kSetup;
+      state->progress.iteration = 0;
+      state->progress.transferred = 0;
+    }
+    helper::MigrationReport report = helper::migrate_machine(machine, opt, &state->progress);
+    std::lock_guard lock(state->mu);
+    state->running = false;
+    state->last_result = report.result;
+    return report.to_json();
+  });
+  server.register_command("migrate-progress", [state](const nlohmann::json&) -> Result<nlohmann::json> {
+    nlohmann::json j = state->progress.to_json();
+    std::lock_guard lock(state->mu);
+    j["running"] = state->running;
+    return j;
+  });
+  server.register_command("migrate-finish", [&machine, state](const nlohmann::json&) -> Result<nlohmann::json> {
+    std::lock_guard lock(state->mu);
+    if (state->last_result != "completed")
+      return Error{"migrate-finish: no completed migration of this VM (last: " +
+                   (state->last_result.empty() ? std::string("none") : state->last_result) + ")"};
+    machine.stop(0);
+    return nlohmann::json{{"stopping", true}};
+  });
+}
+
+}  // namespace kvmig::host
