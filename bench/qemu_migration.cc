@@ -4,9 +4,10 @@
 // destination, and prints ONE JSON line with the same field names as `kvmig migrate --json`:
 //   {"tool":"qemu","scenario":...,"total_ms":...,"downtime_ms":...,"setup_ms":...,"bytes":...,
 //    "iterations":...,"zero_pages":...,"pages":...,"dirty_rate":...,"bandwidth_mbps":...,
-//    "result":"pass"|"fail"|"timeout"|"error", ...}
-// Exit status: 0 pass, 1 the migration or the guest failed (the JSON line says why),
-// 2 bad command line.
+//    "result":"completed"|"timeout"|"failed", "error":..., ...}
+// "completed" means QEMU completed AND the guest kept passing on the destination with no
+// corrupt page. "timeout": pre-copy did not converge in --timeout s (then cancelled).
+// Exit status: 0 completed, 1 otherwise (the JSON line says why), 2 bad command line.
 #include <unistd.h>
 
 #include <chrono>
@@ -123,6 +124,9 @@ Result<void> watch(Side& side, const std::string& name, double timeout_s,
   }
 }
 
+// Same names and units as kvmig's MigrationReport (helper/migration_report.h): pages count
+// zero pages too, dirty_rate is bytes/s, bandwidth_mbps is MB/s (10^6). QEMU's own numbers
+// (normal pages, dirty pages/s, Mbit/s) are kept under qemu_*.
 void put_stats(json& out, const MigrationInfo& m, bool completed) {
   out["status"] = m.status;
   out["total_ms"] = m.total_time_ms;
@@ -131,10 +135,13 @@ void put_stats(json& out, const MigrationInfo& m, bool completed) {
   out["bytes"] = m.ram_transferred;
   out["iterations"] = m.dirty_sync_count;
   out["zero_pages"] = m.duplicate_pages;
-  out["pages"] = m.normal_pages;
-  out["dirty_rate"] = m.dirty_pages_rate;
-  out["bandwidth_mbps"] = m.mbps;
+  out["pages"] = m.normal_pages + m.duplicate_pages;
+  out["dirty_rate"] = m.dirty_pages_rate * m.page_size;
+  out["bandwidth_mbps"] = m.mbps / 8;
   out["ram_total"] = m.ram_total;
+  out["qemu_normal_pages"] = m.normal_pages;
+  out["qemu_dirty_pages_rate"] = m.dirty_pages_rate;
+  out["qemu_mbit_s"] = m.mbps;
 }
 
 // Runs the whole benchmark; fills `out` as far as it got. Returns the failure, if any.
@@ -246,9 +253,9 @@ int main(int argc, char** argv) {
               {"memory", o.memory}, {"cmdline", o.cmdline}};
   auto r = run(o, dir, out);  // both QEMUs are killed when run() returns
   if (r) {
-    out["result"] = "pass";
+    out["result"] = "completed";
   } else {
-    if (!out.contains("result")) out["result"] = out.contains("status") ? "fail" : "error";
+    if (!out.contains("result")) out["result"] = "failed";
     out["error"] = r.error().message;
   }
   std::printf("%s\n", out.dump().c_str());

@@ -68,6 +68,8 @@ Result<MigrationInfo> parse_migration_info(const json& ret) {
     KVMIG_TRY(get_u64(ram, "normal", info.normal_pages));
     KVMIG_TRY(get_u64(ram, "duplicate", info.duplicate_pages));
     KVMIG_TRY(get_u64(ram, "dirty-pages-rate", info.dirty_pages_rate));
+    KVMIG_TRY(get_u64(ram, "page-size", info.page_size));
+    if (info.page_size == 0) return qmp_error("query-migrate: 'ram.page-size' is 0");
     if (auto m = ram.find("mbps"); m != ram.end()) {
       if (!m->is_number()) return qmp_error("query-migrate: 'ram.mbps' is not a number");
       info.mbps = m->get<double>();

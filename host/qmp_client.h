@@ -46,6 +46,7 @@ struct MigrationInfo {
   uint64_t duplicate_pages = 0;   // zero pages (sent as a flag only)
   double mbps = 0;                // throughput, Mbit/s
   uint64_t dirty_pages_rate = 0;  // pages/s dirtied, measured by QEMU
+  uint64_t page_size = 4096;      // "ram.page-size", the unit of the page counts
   std::string error_desc;         // "error-desc" when failed
   std::optional<uint16_t> incoming_port;  // destination: first listening "socket-address" port
 

@@ -83,7 +83,7 @@ Result<void> Machine::init_devices_and_vcpus() {
   if (config_.dirty_ring_entries > 0) {
     KVMIG_ASSIGN(dirty_ring_, DirtyRingLog::enable(vm_fd(), config_.dirty_ring_entries));
     DirtyRingLog* ring = dirty_ring_.get();
-    ctl_->dirty_ring_full = [ring](Vcpu&) { return ring->handle_ring_full(); };
+    ctl_->dirty_ring_full = [ring](Vcpu& vcpu) { return ring->handle_ring_full(vcpu.index()); };
   }
   const auto& supported = kvm_->supported_cpuid();
   for (int i = 0; i < config_.vcpus; ++i) {

@@ -180,7 +180,7 @@ TEST(QmpProtocolTest, ParsesQueryMigrate) {
       "setup-time": 3, "expected-downtime": 300,
       "ram": {"transferred": 1000000, "total": 268435456, "remaining": 0, "duplicate": 60000,
               "normal": 2000, "normal-bytes": 8192000, "dirty-sync-count": 4, "mbps": 812.5,
-              "dirty-pages-rate": 1500}})");
+              "dirty-pages-rate": 1500, "page-size": 4096}})");
   auto info = parse_migration_info(ret);
   ASSERT_TRUE(info) << info.error().message;
   EXPECT_EQ(info->status, "completed");
@@ -195,6 +195,8 @@ TEST(QmpProtocolTest, ParsesQueryMigrate) {
   EXPECT_EQ(info->dirty_sync_count, 4u);
   EXPECT_DOUBLE_EQ(info->mbps, 812.5);
   EXPECT_EQ(info->dirty_pages_rate, 1500u);
+  EXPECT_EQ(info->page_size, 4096u);
+  EXPECT_FALSE(parse_migration_info(json::parse(R"({"ram": {"page-size": 0}})")));
 
   auto empty = parse_migration_info(json::object());
   ASSERT_TRUE(empty);
