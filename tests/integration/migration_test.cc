@@ -100,7 +100,8 @@ TEST_P(MigrationCases, GuestKeepsVerifyingAfterTheMove) {
   Child src = source(spec);
   Child dst = receiver("unix:" + path("mig.sock"));
   auto [status, report] = migrate("unix:" + path("mig.sock"), c.migrate_args);
-  ASSERT_EQ(status, 0) << read_text(path("mig.err")) << read_text(path("recv.err"));
+  ASSERT_EQ(status, 0) << read_text(path("mig.err")) << read_text(path("recv.err"))
+                       << "source exit: " << src.wait(1s).value_or(-1);
   ASSERT_FALSE(report.is_discarded());
   EXPECT_EQ(report["result"], "completed");
   EXPECT_GE(report["iterations"].get<int>(), 2);
