@@ -67,7 +67,7 @@ qemu_row() {  # scenario config extra-args...
   local line
   line=$("$QEMU_BENCH" --accel "$ACCEL" --memory "$MEMORY" --cmdline "$(cmdline_of "$scenario")" \
            --scenario "$scenario" --timeout "$TIMEOUT" "${extra[@]}" "$@" || true)
-  if ! jq -e . >/dev/null 2>&1 <<<"$line"; then
+  if ! jq -e "type == \"object\"" >/dev/null 2>&1 <<<"$line"; then
     not_run+=("qemu $scenario ($config): qemu_migration printed no report")
     return
   fi
@@ -77,6 +77,7 @@ qemu_row() {  # scenario config extra-args...
 # ---- kvmig --------------------------------------------------------------------------------
 # Last pass count of vCPU 0 in a console file (0 if none yet).
 last_pass() { { grep -a 'kvmig-guest: pass vcpu=0 ' "$1" 2>/dev/null || true; } | tail -n1 | sed -n 's/.* n=\([0-9]*\) .*/\1/p' | grep . || echo 0; }
+passes_at_least() { [ "$(last_pass "$1")" -ge "$2" ]; }
 wait_until() {  # seconds command...
   local deadline=$((SECONDS + $1)); shift
   until "$@"; do [ $SECONDS -ge $deadline ] && return 1; sleep 0.2; done
@@ -92,18 +93,18 @@ kvmig_row() {  # scenario config migrate-args...
   "$KVMIG" vm run --kernel "$GUEST" --memory "$MEMORY" --vcpus 1 --cmdline "$(cmdline_of "$scenario")" \
     --console "$dir/src.console" --control "$dir/src.sock" >"$dir/run.out" 2>"$dir/run.log" & spid=$!
   if ! wait_until 120 grep -q 'listening on' "$dir/receive.log"; then why="kvmig receive did not listen: $(tail -c 300 "$dir/receive.log")"
-  elif ! wait_until 180 test "$(last_pass "$dir/src.console")" -ge 2; then why="source guest did not reach pass 2: $(tail -c 300 "$dir/run.log")"
+  elif ! wait_until 180 passes_at_least "$dir/src.console" 2; then why="source guest did not reach pass 2: $(tail -c 300 "$dir/run.log")"
   fi
   if [ -z "$why" ]; then
     port=$(sed -n 's/.*listening on [^ ]*:\([0-9]*\).*/\1/p' "$dir/receive.log" | head -n1)
     report=$("$KVMIG" migrate "$dir/src.sock" --to "127.0.0.1:$port" --json --no-progress \
                --timeout "$TIMEOUT" "$@" 2>"$dir/migrate.log" || true)
-    if ! jq -e . >/dev/null 2>&1 <<<"$report"; then
+    if ! jq -e "type == \"object\"" >/dev/null 2>&1 <<<"$report"; then
       why="kvmig migrate gave no JSON report: $(tr '\n' ' ' <"$dir/migrate.log" | tail -c 300)"
     else
       local verdict=completed at; at=$(last_pass "$dir/src.console")
       if [ "$(jq -r .result <<<"$report")" = completed ]; then
-        wait_until 60 test "$(last_pass "$dir/dst.console")" -ge $((at + 3)) || verdict="failed: destination guest stopped passing"
+        wait_until 60 passes_at_least "$dir/dst.console" $((at + 3)) || verdict="failed: destination guest stopped passing"
         grep -aq 'kvmig-guest: \(corrupt\|error\|fault\)' "$dir/dst.console" "$dir/src.console" && verdict="failed: guest reported corruption"
       else
         verdict=$(jq -r .result <<<"$report")

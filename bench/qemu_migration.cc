@@ -166,25 +166,35 @@ Result<void> run(const Options& o, const std::string& dir, json& out) {
   if (o.max_bandwidth > 0) params["max-bandwidth"] = o.max_bandwidth;
   if (!params.empty()) KVMIG_TRY(src.qmp->migrate_set_parameters(params));
   KVMIG_ASSIGN(json effective, src.qmp->query_migrate_parameters());
-  out["downtime_limit_ms"] = effective.value("downtime-limit", json(nullptr));
-  out["max_bandwidth"] = effective.value("max-bandwidth", json(nullptr));
+  if (!effective.is_object()) return Error{"query-migrate-parameters: reply is not an object"};
+  out["downtime_limit_ms"] = effective.contains("downtime-limit") ? effective["downtime-limit"] : json();
+  out["max_bandwidth"] = effective.contains("max-bandwidth") ? effective["max-bandwidth"] : json();
 
   KVMIG_TRY(src.poll());
   uint64_t passes_before = src.min_pass(vcpus);
   KVMIG_TRY(src.qmp->migrate("tcp:127.0.0.1:" + std::to_string(*listening.incoming_port)));
-  auto finished = src.qmp->wait_migration(
-      std::chrono::duration_cast<Ms>(std::chrono::duration<double>(o.timeout_s)), Ms(100));
-  if (!finished) {
-    if (finished.error().sys_errno != ETIMEDOUT) return std::move(finished.error());
-    // Did not converge: report how far it got, then cancel so the source keeps running.
-    KVMIG_ASSIGN(MigrationInfo at_timeout, src.qmp->query_migrate());
-    put_stats(out, at_timeout, false);
-    (void)src.qmp->migrate_cancel();
-    out["result"] = "timeout";
-    return Error{"migration did not complete within " + std::to_string(int(o.timeout_s)) +
-                     " s (status " + at_timeout.status + "); cancelled",
-                 ETIMEDOUT};
+  // QEMU stops reporting dirty-pages-rate once completed: keep the last one seen while active.
+  auto deadline = Clock::now() + std::chrono::duration<double>(o.timeout_s);
+  uint64_t last_dirty_rate = 0;
+  for (;;) {
+    KVMIG_ASSIGN(MigrationInfo now, src.qmp->query_migrate());
+    if (now.finished()) break;
+    if (now.dirty_pages_rate) last_dirty_rate = now.dirty_pages_rate;
+    if (Clock::now() >= deadline) {
+      // Did not converge: report how far it got, then cancel so the source keeps running.
+      put_stats(out, now, false);
+      (void)src.qmp->migrate_cancel();
+      out["result"] = "timeout";
+      return Error{"migration did not complete within " + std::to_string(int(o.timeout_s)) +
+                       " s (status " + now.status + "); cancelled",
+                   ETIMEDOUT};
+    }
+    std::this_thread::sleep_for(Ms(100));
   }
+  // Settled final numbers (total-time is filled in after "completed").
+  KVMIG_ASSIGN(MigrationInfo final_info, src.qmp->wait_migration(Ms(10000)));
+  if (!final_info.dirty_pages_rate) final_info.dirty_pages_rate = last_dirty_rate;
+  auto finished = &final_info;
   put_stats(out, *finished, finished->status == "completed");
   if (finished->status != "completed")
     return Error{"migration " + finished->status +

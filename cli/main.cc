@@ -8,6 +8,8 @@
 void add_vm_command(CLI::App& app);
 void add_migrate_command(CLI::App& app);
 void add_receive_command(CLI::App& app);
+void add_status_command(CLI::App& app);
+void add_recover_command(CLI::App& app);
 
 int main(int argc, char** argv) {
   CLI::App app{"kvmig: live migration of KVM virtual machines"};
@@ -16,6 +18,8 @@ int main(int argc, char** argv) {
   kvmig::cli::add_vm_state_commands(app);  // save/restore, under "vm"
   add_migrate_command(app);
   add_receive_command(app);
+  add_status_command(app);
+  add_recover_command(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

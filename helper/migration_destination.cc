@@ -128,8 +128,14 @@ void Receiver::page_loop() {
       page_error_ = st.error();
       page_error_->prefix("round " + std::to_string(round));
       cv_.notify_all();
-      send_error(*page_error_);
-      interrupt_control();
+      // A closed data stream means the source is going away and closes control too (with
+      // its reason first, if it can). Bad data the source does not know about: tell it, and
+      // stop waiting on control.
+      WireCode code = wire_code_of(*page_error_);
+      if (code != WireCode::truncated && code != WireCode::io) {
+        send_error(*page_error_);
+        interrupt_control();
+      }
       return;
     }
     round_stats_.push_back(*st);
@@ -154,6 +160,9 @@ Result<void> Receiver::follow_control() {
   const bool want_verify = hello_.features & kFeatureVerify;
   while (sections_.size() < part_ids_.size() || (want_verify && !verify_)) {
     auto msg = read_message(*conn_.control, version_, opt_.limits);
+    // The source's own reason (ABORT, ERROR) beats what the page thread saw of it (a closed
+    // data stream).
+    if (msg.ok() && (msg->type() == MsgType::error || msg->type() == MsgType::abort)) return peer_error(*msg);
     {
       std::lock_guard lock(mu_);
       if (page_error_) return *page_error_;

@@ -24,6 +24,8 @@ namespace {
 constexpr double kStateSeconds = 0.0005;
 // At most this share of guest RAM is deferred as hot: the rest must converge normally.
 constexpr uint64_t kMaxDeferredDivisor = 4;
+// How long a round waits for the destination to take in what was sent.
+constexpr std::chrono::milliseconds kDrainLimit{10000};
 
 std::string random_id() {
   std::random_device rd;
@@ -126,8 +128,17 @@ Result<void> Session::setup() {
     return wire_error(WireCode::config_mismatch, "destination cannot --verify");
   report_.compress = features_ & kFeatureCompression;
 
-  KVMIG_ASSIGN(kvm::MachineSnapshot snap, kvm::MachineSnapshot::of(vm_));
-  snapshot_.emplace(std::move(snap));
+  // Probing the vCPUs' state (MSR lists) takes each vCPU's lock, which a vCPU in KVM_RUN
+  // holds until its next exit: a guest that rarely exits would stall it for seconds. A
+  // brief pause makes it a matter of milliseconds.
+  {
+    const bool was_paused = vm_.paused();
+    if (!was_paused) KVMIG_TRY(vm_.pause());
+    auto snap = kvm::MachineSnapshot::of(vm_);
+    if (!was_paused) KVMIG_TRY(vm_.resume());
+    if (!snap.ok()) return std::move(snap.error());
+    snapshot_.emplace(std::move(*snap));
+  }
 
   kvm::DirtyTracker::Config tc;
   tc.granularity = opt_.granularity;
@@ -168,11 +179,12 @@ Result<std::vector<kvm::DirtyBitmap>> Session::harvest_counted(uint64_t& pages) 
 Result<RoundStats> Session::send_round(std::span<const kvm::DirtyBitmap> rearm,
                                        std::span<const kvm::DirtyBitmap> send, bool live) {
   ++round_;
-  KVMIG_ASSIGN(RoundStats st, sender_->send_round(round_, live ? tracker_.get() : nullptr, rearm, send));
+  KVMIG_ASSIGN(RoundStats st, sender_->send_round(round_, live ? tracker_.get() : nullptr, rearm, send,
+                                                  /*fresh_destination=*/round_ == 1));
   RoundEnd end;
   end.round = round_;
-  end.pages = st.pages;
-  end.zero_pages = st.zero_pages;
+  end.pages = st.pages - sender_->skipped_zero_pages();  // what the data streams carried
+  end.zero_pages = st.zero_pages - sender_->skipped_zero_pages();
   end.wire_bytes = st.wire_bytes;
   KVMIG_TRY(send_message(*conn_.control, version_, MsgType::round_end, encode(end)));
   add_stats(st);
@@ -236,6 +248,7 @@ Result<void> Session::precopy() {
     }
     auto begin = Clock::now();
     KVMIG_ASSIGN(RoundStats st, send_round(dirty, send, true));
+    sender_->wait_drained(kDrainLimit);
     double secs = std::chrono::duration<double>(Clock::now() - begin).count();
     // Bandwidth from rounds big enough to measure it; tiny rounds are mostly latency.
     if (st.wire_bytes >= (1u << 20) || bandwidth == 0) bandwidth = secs > 0 ? st.wire_bytes / secs : 0;
@@ -254,12 +267,14 @@ Result<void> Session::precopy() {
 
 Result<void> Session::switchover() {
   progress_->phase = kSwitchover;
-  KVMIG_TRY(throttle_.stop());
+  sender_->wait_drained(kDrainLimit);
   report_.precopy_ms = ms_between(precopy_start_, Clock::now());
   pause_at_ = Clock::now();
   if (!vm_.paused()) {
-    KVMIG_TRY(vm_.pause());
     paused_by_us_ = true;
+    KVMIG_TRY(throttle_.stop_paused());
+  } else {
+    KVMIG_TRY(throttle_.stop());
   }
   // The last harvest, while paused: together with what pre-copy sent and the deferred hot
   // pages, this is all of guest memory as it now stands.

@@ -1,5 +1,8 @@
 #include "helper/page_sender.h"
 
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -32,6 +35,18 @@ void for_each_run(const uint64_t* bits, uint64_t begin, uint64_t end,
   }
 }
 
+namespace {
+
+bool page_is_zero(const uint8_t* p) {
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < kPageSize / 8; i += 8) {
+    if (w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 uint64_t count_bits(std::span<const uint64_t> bits) {
   uint64_t n = 0;
   for (uint64_t w : bits) n += __builtin_popcountll(w);
@@ -47,13 +62,15 @@ PageSender::PageSender(Connection& connection, uint16_t version, GpaResolver sou
 
 Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracked* tracker,
                                      std::span<const kvm::DirtyBitmap> rearm,
-                                     std::span<const kvm::DirtyBitmap> send, RoundStats& mine) {
+                                     std::span<const kvm::DirtyBitmap> send, bool fresh,
+                                     RoundStats& mine) {
   const size_t nstreams = connection_.data.size();
   Stream& stream = *connection_.data[s];
   PageBatchSender out(stream, version_, source_,
                       compressors_.empty() ? nullptr : compressors_[s].get());
   std::vector<PageRun> batch;
   uint64_t batch_pages = 0;
+  uint64_t skipped = 0;  // zero pages of a fresh destination: counted, not sent
   auto flush = [&]() -> Result<void> {
     if (batch.empty()) return ok();
     KVMIG_ASSIGN(BatchStats st, out.send(round, batch));
@@ -80,7 +97,7 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracked
         KVMIG_TRY(r);
       }
       Result<void> r = ok();
-      for_each_run(sb.bits.data(), first, end, [&](uint64_t p, uint64_t n) {
+      auto add = [&](uint64_t p, uint64_t n) {
         while (n > 0 && r.ok()) {
           uint64_t take = std::min(n, kBatchPages - batch_pages);
           batch.push_back({sb.gpa + p * kPageSize, static_cast<uint32_t>(take)});
@@ -89,30 +106,66 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracked
           n -= take;
           if (batch_pages == kBatchPages || batch.size() >= 16384) r = flush();
         }
+      };
+      for_each_run(sb.bits.data(), first, end, [&](uint64_t p, uint64_t n) {
+        if (!fresh) return add(p, n);
+        const uint8_t* host = source_(sb.gpa + p * kPageSize, n * kPageSize);
+        if (!host) return add(p, n);  // let the batch sender report it
+        for (uint64_t i = 0; i < n;) {
+          uint64_t j = i;
+          const bool zero = page_is_zero(host + i * kPageSize);
+          while (j < n && page_is_zero(host + j * kPageSize) == zero) ++j;
+          if (zero) {
+            mine.pages += j - i;
+            mine.zero_pages += j - i;
+            skipped += j - i;
+          } else {
+            add(p + i, j - i);
+          }
+          i = j;
+        }
       });
       KVMIG_TRY(r);
     }
   }
   KVMIG_TRY(flush());
+  skipped_ += skipped;
   RoundEnd end;
   end.round = round;
-  end.pages = mine.pages;
-  end.zero_pages = mine.zero_pages;
+  end.pages = mine.pages - skipped;  // what this stream carried
+  end.zero_pages = mine.zero_pages - skipped;
   end.wire_bytes = mine.wire_bytes;
   return send_message(stream, version_, MsgType::round_end, encode(end));
 }
 
+bool PageSender::wait_drained(std::chrono::milliseconds limit) const {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    bool empty = true;
+    for (const auto& stream : connection_.data) {
+      auto* fs = dynamic_cast<const FdStream*>(stream.get());
+      int queued = 0;
+      if (fs && ::ioctl(fs->fd(), SIOCOUTQ, &queued) == 0 && queued > 0) empty = false;
+    }
+    if (empty) return true;
+    if (std::chrono::steady_clock::now() >= end) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
 Result<RoundStats> PageSender::send_round(uint32_t round, kvm::DirtyTracked* tracker,
                                           std::span<const kvm::DirtyBitmap> rearm,
-                                          std::span<const kvm::DirtyBitmap> send) {
+                                          std::span<const kvm::DirtyBitmap> send,
+                                          bool fresh_destination) {
   const size_t n = connection_.data.size();
   if (n == 0) return wire_error(WireCode::internal, "connection has no data streams");
   std::mutex mu;
   std::optional<Error> first;
   RoundStats total;
+  skipped_ = 0;
   auto run = [&](size_t s) {
     RoundStats mine;
-    auto r = send_stream(s, round, tracker, rearm, send, mine);
+    auto r = send_stream(s, round, tracker, rearm, send, fresh_destination, mine);
     std::lock_guard lock(mu);
     if (!r.ok()) {
       if (!first) {

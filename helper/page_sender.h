@@ -10,6 +10,8 @@
 // destination uses as a barrier (docs/protocol.md).
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -41,19 +43,33 @@ class PageSender {
   // Sends round `round`. `rearm` (may be empty: the final, paused round) holds the pages
   // harvested dirty, rearmed through `tracker` chunk by chunk just before the chunk is read;
   // `send` the pages to send, per slot, the same slots in the same order.
+  // With `fresh_destination` (round 1: the destination's memory is newly mapped, all
+  // zero), zero pages are not sent at all, not even as markers: a marker would make the
+  // destination write zeros over zeros, faulting in memory it never needs (seconds per
+  // GiB on some hosts). They still count in the stats' zero_pages.
   Result<RoundStats> send_round(uint32_t round, kvm::DirtyTracked* tracker,
                                 std::span<const kvm::DirtyBitmap> rearm,
-                                std::span<const kvm::DirtyBitmap> send);
+                                std::span<const kvm::DirtyBitmap> send,
+                                bool fresh_destination = false);
+
+  // Waits (at most `limit`) until the data sockets' send queues are empty, i.e. the peer
+  // has taken what was sent. A round "sent" into 16 MiB socket buffers is not yet received:
+  // measuring bandwidth, or pausing the VM, before the backlog drains would count the
+  // backlog as link speed and then pay for it in downtime. Returns whether it drained.
+  bool wait_drained(std::chrono::milliseconds limit) const;
+  // Zero pages of the last round that were counted but not sent (fresh destination).
+  uint64_t skipped_zero_pages() const { return skipped_.load(); }
 
  private:
   Result<void> send_stream(size_t s, uint32_t round, kvm::DirtyTracked* tracker,
                            std::span<const kvm::DirtyBitmap> rearm,
-                           std::span<const kvm::DirtyBitmap> send, RoundStats& mine);
+                           std::span<const kvm::DirtyBitmap> send, bool fresh, RoundStats& mine);
 
   Connection& connection_;
   uint16_t version_;
   GpaResolver source_;
   std::vector<std::unique_ptr<PageCompressor>> compressors_;  // per stream
+  std::atomic<uint64_t> skipped_{0};
 };
 
 }  // namespace kvmig::helper

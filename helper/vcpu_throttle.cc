@@ -16,6 +16,16 @@ void VcpuThrottle::set(double fraction) {
   cv_.notify_all();
 }
 
+Result<void> VcpuThrottle::stop_paused() {
+  {
+    std::lock_guard lock(mu_);
+    leave_paused_ = true;
+  }
+  KVMIG_TRY(stop());
+  // The thread may have been idle (no throttle) or stopped mid-run: pause here then.
+  return vm_.pause();
+}
+
 Result<void> VcpuThrottle::stop() {
   {
     std::lock_guard lock(mu_);
@@ -23,6 +33,10 @@ Result<void> VcpuThrottle::stop() {
     cv_.notify_all();
   }
   if (thread_.joinable()) thread_.join();
+  {
+    std::lock_guard lock(mu_);
+    leave_paused_ = false;
+  }
   fraction_.store(0);
   std::lock_guard lock(mu_);
   if (error_) {
@@ -53,6 +67,7 @@ void VcpuThrottle::loop() {
     }
     // Resumed early if stop() comes: the stun must never outlast the throttle.
     cv_.wait_for(lock, stun, [&] { return stopping_; });
+    if (stopping_ && leave_paused_) return;
     auto resumed = vm_.resume();
     if (!resumed.ok()) {
       error_ = resumed.error();

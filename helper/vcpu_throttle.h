@@ -30,6 +30,10 @@ class VcpuThrottle {
   double fraction() const { return fraction_.load(); }
   // Ends throttling; returns once the vCPUs run again (or the error of resuming them).
   Result<void> stop();
+  // Ends throttling with the vCPUs paused (the switch-over): a guest let loose at full
+  // speed between the last decision and the pause would dirty what the decision assumed
+  // clean, and that is paid in downtime.
+  Result<void> stop_paused();
 
  private:
   void loop();
@@ -39,6 +43,7 @@ class VcpuThrottle {
   std::mutex mu_;
   std::condition_variable cv_;
   bool stopping_ = false;
+  bool leave_paused_ = false;
   std::optional<Error> error_;
   std::thread thread_;
 };

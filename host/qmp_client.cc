@@ -20,13 +20,19 @@ constexpr size_t kMaxLine = 16 << 20;
 
 Error qmp_error(const std::string& what) { return Error{"QMP: " + what}; }
 
+// A JSON value for an error message: short, one line, and never throwing (dump() throws on
+// invalid UTF-8 unless told to replace it).
+std::string brief(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 200);
+}
+
 // Reads an unsigned integer field if present; a wrong type is an error, not a silent 0.
 Result<void> get_u64(const json& obj, const char* key, uint64_t& out) {
   auto it = obj.find(key);
   if (it == obj.end()) return ok();
   if (!it->is_number_integer() || it->get<int64_t>() < 0)
     return qmp_error(std::string("query-migrate: field '") + key + "' is not a count: " +
-                     it->dump());
+                     brief(*it));
   out = it->get<uint64_t>();
   return ok();
 }
@@ -45,7 +51,7 @@ int64_t int_field(const json& obj, const char* key) {
 }  // namespace
 
 Result<MigrationInfo> parse_migration_info(const json& ret) {
-  if (!ret.is_object()) return qmp_error("query-migrate: reply is not an object: " + ret.dump());
+  if (!ret.is_object()) return qmp_error("query-migrate: reply is not an object: " + brief(ret));
   MigrationInfo info;
   info.status = "none";
   if (auto it = ret.find("status"); it != ret.end()) {
@@ -90,7 +96,7 @@ Result<MigrationInfo> parse_migration_info(const json& ret) {
         value = port->get<long>();
       }
       if (value <= 0 || value > 65535)
-        return qmp_error("query-migrate: bad socket-address port " + port->dump());
+        return qmp_error("query-migrate: bad socket-address port " + brief(*port));
       info.incoming_port = static_cast<uint16_t>(value);
       break;
     }
@@ -132,7 +138,7 @@ Result<void> QmpClient::handshake(Ms timeout) {
   json greeting = std::move(*msg);
   auto it = greeting.find("QMP");
   if (it == greeting.end() || !it->is_object())
-    return qmp_error("expected a greeting {\"QMP\":...}, got: " + greeting.dump().substr(0, 200));
+    return qmp_error("expected a greeting {\"QMP\":...}, got: " + brief(greeting));
   auto r = execute("qmp_capabilities");
   if (!r) return std::move(r.error());
   return ok();
@@ -199,7 +205,7 @@ Result<json> QmpClient::execute(const std::string& command, const json& argument
   json request = {{"execute", command}, {"id", id}};
   if (!arguments.is_null() && !(arguments.is_object() && arguments.empty()))
     request["arguments"] = arguments;
-  if (auto sent = send_line(request.dump()); !sent)
+  if (auto sent = send_line(request.dump(-1, ' ', false, json::error_handler_t::replace)); !sent)
     return std::move(sent.error().prefix("QMP " + command));
   auto deadline = Clock::now() + command_timeout_;
   for (;;) {
@@ -211,8 +217,10 @@ Result<json> QmpClient::execute(const std::string& command, const json& argument
       continue;
     }
     auto mid = m.find("id");
+    // A late reply to an earlier command that timed out: that command already failed.
+    if (mid != m.end() && mid->is_number_unsigned() && mid->get<uint64_t>() < id) continue;
     if (mid == m.end() || !mid->is_number_unsigned() || mid->get<uint64_t>() != id)
-      return qmp_error(command + ": reply for another request: " + m.dump().substr(0, 200));
+      return qmp_error(command + ": reply for another request: " + brief(m));
     if (auto ret = m.find("return"); ret != m.end()) return *ret;
     if (auto err = m.find("error"); err != m.end() && err->is_object()) {
       std::string cls = string_field(*err, "class", "(no class)");
@@ -220,13 +228,13 @@ Result<json> QmpClient::execute(const std::string& command, const json& argument
       error_class_ = cls;
       return Error{"QMP " + command + ": " + cls + ": " + desc};
     }
-    return qmp_error(command + ": reply has neither return nor error: " + m.dump().substr(0, 200));
+    return qmp_error(command + ": reply has neither return nor error: " + brief(m));
   }
 }
 
 Result<void> QmpClient::queue_event(const json& msg) {
   const json& name = msg["event"];
-  if (!name.is_string()) return qmp_error("event name is not a string: " + msg.dump().substr(0, 200));
+  if (!name.is_string()) return qmp_error("event name is not a string: " + brief(msg));
   QmpEvent e;
   e.name = name.get<std::string>();
   auto data = msg.find("data");
@@ -261,7 +269,7 @@ Result<QmpEvent> QmpClient::wait_event(const std::string& name,
     }
     if (!msg->contains("event"))
       return qmp_error("unexpected message while waiting for " + name + ": " +
-                       msg->dump().substr(0, 200));
+                       brief(*msg));
     KVMIG_TRY(queue_event(*msg));
   }
 }
@@ -316,7 +324,7 @@ Result<VmStatus> QmpClient::query_status() {
   auto running = ret.find("running");
   if (!ret.is_object() || status == ret.end() || !status->is_string() || running == ret.end() ||
       !running->is_boolean())
-    return qmp_error("query-status: unexpected reply " + ret.dump().substr(0, 200));
+    return qmp_error("query-status: unexpected reply " + brief(ret));
   return VmStatus{status->get<std::string>(), running->get<bool>()};
 }
 

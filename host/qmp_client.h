@@ -81,6 +81,9 @@ class QmpClient {
   Result<nlohmann::json> execute(const std::string& command,
                                  const nlohmann::json& arguments = nlohmann::json::object());
   const std::string& error_class() const { return error_class_; }
+  // How long execute() waits for a reply (default 30 s). A reply that comes after its
+  // command timed out is skipped by the next command.
+  void set_command_timeout(Ms timeout) { command_timeout_ = timeout; }
 
   // Returns (and removes from the queue) the first event named `name` that satisfies
   // `match`, reading from the socket until `timeout`. Earlier non-matching events stay queued.

@@ -68,9 +68,28 @@ _start32:
   mov %eax, %fs
   mov %eax, %gs
   mov $(kstacks + KSTACK_SIZE), %esp
-  /* Boot identity map, 0..4 GiB in 2 MiB pages; bss is zero, so only present entries
-   * are written. kernel.c replaces it with the real map. */
+  /* Boot identity map of 0..4 GiB; bss is zero, so only present entries are written.
+   * kernel.c replaces it with the real map. Every instruction here is emulated on kvm-pvm,
+   * so 1 GiB pages (4 stores) when CPUID 0x80000001:EDX[26] has them, else 2 MiB (2048). */
   movl $(boot_pdpt + 3), boot_pml4
+  mov $0x80000000, %eax
+  cpuid
+  cmp $0x80000001, %eax
+  jb 8f
+  mov $0x80000001, %eax
+  cpuid
+  bt $26, %edx
+  jnc 8f
+  mov $0x83, %eax           /* P, RW, PS */
+  xor %ecx, %ecx
+9:
+  mov %eax, boot_pdpt(, %ecx, 8)
+  add $0x40000000, %eax
+  inc %ecx
+  cmp $4, %ecx
+  jb 9b
+  jmp 10f
+8:
   mov $(boot_pd + 3), %eax
   xor %ecx, %ecx
 3:
@@ -87,6 +106,7 @@ _start32:
   inc %ecx
   cmp $2048, %ecx
   jb 4b
+10:
   mov $boot_pml4, %eax
   mov %eax, %cr3
   mov %cr4, %eax

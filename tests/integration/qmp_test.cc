@@ -133,6 +133,25 @@ TEST(QmpProtocolTest, ErrorReplyCarriesClassAndDescription) {
   EXPECT_EQ(server.requests[1]["arguments"]["uri"], "tcp:127.0.0.1:1");
 }
 
+TEST(QmpProtocolTest, LateReplyAfterTimeoutIsSkipped) {
+  FakeQmp server({{kGreeting, nullptr}, accept_capabilities(),
+                  {"", [](const json&) { return std::string(); }},  // never answers in time
+                  {"", [](const json& r) {
+                     json late = {{"id", r["id"].get<uint64_t>() - 1}};
+                     return ret_for(late, "stale") + ret_for(r, "fresh");
+                   }}});
+  auto client = QmpClient::from_fd(server.take_client(), 2000ms);
+  ASSERT_TRUE(client) << client.error().message;
+  client->set_command_timeout(100ms);
+  auto slow = client->execute("query-version");
+  ASSERT_FALSE(slow);
+  EXPECT_EQ(slow.error().sys_errno, ETIMEDOUT) << slow.error().message;
+  client->set_command_timeout(2000ms);
+  auto next = client->execute("query-name");
+  ASSERT_TRUE(next) << next.error().message;
+  EXPECT_EQ(*next, "fresh");
+}
+
 TEST(QmpProtocolTest, MalformedJsonIsAnErrorNotACrash) {
   FakeQmp server({{kGreeting, nullptr}, {"", [](const json&) { return "{\"return\": {,,\n"; }}});
   auto client = QmpClient::from_fd(server.take_client(), 2000ms);
@@ -270,16 +289,22 @@ class QmpQemuTest : public ::testing::Test {
     o.qmp_socket = dir_ + "/" + name + ".qmp";
     o.console_path = dir_ + "/" + name + ".console";
     if (incoming) o.incoming = "defer";
-    auto args = qemu_guest_args(o);
-    EXPECT_TRUE(args) << args.error().message;
     auto& g = *guests_.emplace_back(std::make_unique<QemuGuest>());
+    g.console.emplace(o.console_path);
+    auto args = qemu_guest_args(o);
+    if (!args) {
+      ADD_FAILURE() << args.error().message;
+      return g;  // without qmp: the caller's ASSERT on qmp stops the test
+    }
     auto proc = QemuProcess::start(*args, dir_ + "/" + name + ".log");
-    EXPECT_TRUE(proc) << proc.error().message;
+    if (!proc) {
+      ADD_FAILURE() << proc.error().message;
+      return g;
+    }
     g.process = std::move(*proc);
     auto client = QmpClient::connect(o.qmp_socket, 10s);
     EXPECT_TRUE(client) << client.error().message << " / " << g.process.log_tail();
     if (client) g.qmp.emplace(std::move(*client));
-    g.console.emplace(o.console_path);
     return g;
   }
 
@@ -320,8 +345,8 @@ TEST_F(QmpQemuTest, LiveMigrationCompletesAndGuestKeepsPassing) {
   auto done = src.qmp->wait_event(
       "MIGRATION",
       [](const QmpEvent& e) {
-        std::string s = e.data.value("status", "");
-        return s == "completed" || s == "failed" || s == "cancelled";
+        auto s = e.data.is_object() ? e.data.find("status") : e.data.end();
+        return s != e.data.end() && (*s == "completed" || *s == "failed" || *s == "cancelled");
       },
       60000ms);
   ASSERT_TRUE(done) << done.error().message;

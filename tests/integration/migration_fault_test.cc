@@ -1,0 +1,351 @@
+// Live migration when things go wrong, on real KVM: either peer killed, a destination that
+// vanishes at switch-over or after COMMIT, and hostile bytes in both directions (crafted
+// with the wire codecs). The invariant under test: before COMMIT the source VM runs on,
+// after COMMIT it never resumes on its own; a destination discards and says why.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <nlohmann/json.hpp>
+
+#include "helper/messages.h"
+#include "helper/transport_pages.h"
+#include "helper/wire_pages.h"
+#include "tests/integration/migration_harness.h"
+
+namespace kvmig::testing {
+namespace {
+
+using namespace std::chrono_literals;
+using namespace kvmig::helper;
+
+#define REQUIRE_GUEST()                                                                     \
+  if (!have_kvm()) GTEST_SKIP() << "/dev/kvm is not available";                             \
+  if (::access(guest64_path().c_str(), R_OK) != 0) GTEST_SKIP() << "test guest not built"
+
+constexpr uint64_t kMem = 256ull << 20;
+
+class MigrationFault : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/kvmig-migfault-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+  }
+  void TearDown() override {
+    if (!HasFailure() && !std::getenv("KVMIG_KEEP")) std::system(("rm -rf " + dir_).c_str());
+    else std::fprintf(stderr, "kept %s\n", dir_.c_str());
+  }
+  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+  std::string sock() const { return "unix:" + path("mig.sock"); }
+
+  // A guest that never converges under a 1 us budget and never ends by itself.
+  Child source() {
+    SourceSpec spec;
+    spec.memory = kMem;
+    spec.cmdline = "ws=64M pattern=random passes=0 report_ms=50";
+    spec.console = path("src.console");
+    spec.control = path("src.ctl");
+    Child c = start_source(spec);
+    EXPECT_TRUE(wait_until([&] { return !guest_report(spec.console).passes.empty() || c.poll(); }, 30s));
+    return c;
+  }
+  Child receiver() {
+    Child c = spawn({KVMIG_BINARY, "receive", "--listen", sock(), "--console", path("dst.console"),
+                     "--no-control"},
+                    path("recv.out"), path("recv.err"));
+    EXPECT_TRUE(wait_until([&] { return read_text(path("recv.err")).find("listening on") != std::string::npos; }, 10s));
+    return c;
+  }
+  Child migrate(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args{KVMIG_BINARY, "migrate", path("src.ctl"), "--to", sock(), "--json"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return spawn(args, path("mig.out"), path("mig.err"));
+  }
+  nlohmann::json report() { return nlohmann::json::parse(read_text(path("mig.out")), nullptr, false); }
+  // Round 1 moves all 256 MiB, so it lasts long enough for a 20 ms poll to catch it.
+  bool in_precopy() {
+    auto p = host::control_request(path("src.ctl"), {{"cmd", "migrate-progress"}});
+    return p.ok() && p->value("phase", std::string()) == "precopy";
+  }
+  // The source guest still runs and verifies: a new pass line, no corruption, not paused.
+  void expect_source_runs_on() {
+    auto stats = host::control_request(path("src.ctl"), {{"cmd", "stats"}});
+    ASSERT_TRUE(stats.ok()) << stats.error().message;
+    EXPECT_FALSE(stats->value("paused", true));
+    uint64_t n = guest_report(path("src.console")).last_pass()[0].n;
+    EXPECT_TRUE(wait_until([&] { return guest_report(path("src.console")).last_pass()[0].n > n; }, 10s))
+        << "source guest stopped making progress";
+    auto r = guest_report(path("src.console"));
+    EXPECT_TRUE(r.corrupt.empty());
+    EXPECT_TRUE(r.errors.empty());
+  }
+
+  std::string dir_;
+};
+
+TEST_F(MigrationFault, DestinationKilledDuringPrecopySourceRunsOn) {
+  REQUIRE_GUEST();
+  Child src = source();
+  Child dst = receiver();
+  Child mig = migrate();
+  ASSERT_TRUE(wait_until([&] { return in_precopy(); }, 20s));
+  dst.kill9();
+  EXPECT_EQ(mig.wait(30s), 1) << read_text(path("mig.err"));
+  EXPECT_EQ(report().value("result", ""), "failed");
+  EXPECT_NE(read_text(path("mig.err")).find("failed"), std::string::npos);
+  expect_source_runs_on();
+}
+
+TEST_F(MigrationFault, SourceKilledDuringPrecopyDestinationDiscards) {
+  REQUIRE_GUEST();
+  Child src = source();
+  Child dst = receiver();
+  Child mig = migrate();
+  ASSERT_TRUE(wait_until([&] { return in_precopy(); }, 20s));
+  src.kill9();
+  EXPECT_EQ(dst.wait(20s), 1);
+  std::string err = read_text(path("recv.err"));
+  EXPECT_NE(err.find("migration failed, nothing kept"), std::string::npos) << err;
+  EXPECT_NE(mig.wait(20s).value_or(0), 0);
+  EXPECT_EQ(read_text(path("dst.console")), "") << "the destination must never have run the guest";
+}
+
+// A budget smaller than the state transfer alone: convergence gives up after round 1.
+TEST_F(MigrationFault, GivingUpAbortsAndTheSourceRunsOn) {
+  REQUIRE_GUEST();
+  Child src = source();
+  Child dst = receiver();
+  Child mig = migrate({"--max-downtime", "0.001"});
+  EXPECT_EQ(mig.wait(30s), 1);
+  EXPECT_NE(report().value("error", "").find("gave up"), std::string::npos) << report().dump();
+  EXPECT_EQ(dst.wait(20s), 1);
+  EXPECT_NE(read_text(path("recv.err")).find("gave up"), std::string::npos) << read_text(path("recv.err"));
+  expect_source_runs_on();
+}
+
+// A destination written with the wire codecs, to fail on purpose at a chosen point.
+class FakeDestination {
+ public:
+  enum class Fail { garbage_ack, wrong_version_ack, close_at_state, close_after_commit };
+
+  FakeDestination(const std::string& listen, Fail fail) : fail_(fail) {
+    auto ep = parse_endpoint(listen);
+    auto l = Listener::listen(*ep, {});
+    EXPECT_TRUE(l.ok());
+    listener_.emplace(std::move(*l));
+    mem_ = static_cast<uint8_t*>(::mmap(nullptr, kMem, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    thread_ = std::thread([this] { run(); });
+  }
+  ~FakeDestination() {
+    thread_.join();
+    ::munmap(mem_, kMem);
+  }
+
+ private:
+  void run() {
+    auto conn = listener_->accept();
+    if (!conn.ok()) return;
+    Stream& ctl = *conn->control;
+    auto hello = read_message(ctl, 0, {});
+    if (!hello.ok()) return;
+    if (fail_ == Fail::garbage_ack) {
+      std::string junk(64, 'x');
+      (void)ctl.write(junk.data(), junk.size());
+      return;
+    }
+    HelloAck ack;
+    if (fail_ == Fail::wrong_version_ack) {
+      ack.version = kWireVersion + 5;
+      (void)send_message(ctl, kWireVersion + 5, MsgType::hello_ack, encode(ack));
+      return;
+    }
+    (void)send_message(ctl, kWireVersion, MsgType::hello_ack, encode(ack));
+    MemoryLayout layout;
+    layout.ranges.push_back({0, kMem});
+    std::atomic<bool> stop{false};
+    std::thread pages([&] {
+      RoundReceiver rr(*conn, kWireVersion, layout,
+                       [this](uint64_t gpa, uint64_t len) { return gpa + len <= kMem ? mem_ + gpa : nullptr; });
+      for (uint32_t r = 1; !stop && rr.receive(r).ok(); ++r) {
+      }
+    });
+    for (;;) {
+      auto m = read_message(ctl, kWireVersion, {});
+      if (!m.ok()) break;
+      if (m->type() == MsgType::state && fail_ == Fail::close_at_state) break;
+      if (m->type() == MsgType::state && ++sections_ == 4) (void)send_message(ctl, kWireVersion, MsgType::ready);
+      if (m->type() == MsgType::commit) break;  // close_after_commit: vanish without DONE
+    }
+    stop = true;
+    ctl.shutdown();
+    for (auto& d : conn->data) d->shutdown();
+    pages.join();
+  }
+
+  Fail fail_;
+  std::optional<Listener> listener_;
+  uint8_t* mem_ = nullptr;
+  int sections_ = 0;
+  std::thread thread_;
+};
+
+TEST_F(MigrationFault, DestinationDiesAtSwitchoverSourceResumes) {
+  REQUIRE_GUEST();
+  Child src = source();
+  FakeDestination fake(sock(), FakeDestination::Fail::close_at_state);
+  Child mig = migrate({"--max-downtime", "1000"});
+  EXPECT_EQ(mig.wait(30s), 1) << read_text(path("mig.err"));
+  EXPECT_EQ(report().value("result", ""), "failed");
+  expect_source_runs_on();
+}
+
+TEST_F(MigrationFault, NoDoneAfterCommitLeavesTheSourcePausedInDoubt) {
+  REQUIRE_GUEST();
+  Child src = source();
+  FakeDestination fake(sock(), FakeDestination::Fail::close_after_commit);
+  Child mig = migrate({"--max-downtime", "1000"});
+  EXPECT_EQ(mig.wait(30s), 3) << read_text(path("mig.err"));
+  EXPECT_EQ(report().value("result", ""), "in-doubt");
+  auto stats = host::control_request(path("src.ctl"), {{"cmd", "stats"}});
+  ASSERT_TRUE(stats.ok());
+  EXPECT_TRUE(stats->value("paused", false)) << "after COMMIT the source must not resume on its own";
+  uint64_t n = guest_report(path("src.console")).last_pass()[0].n;
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(guest_report(path("src.console")).last_pass()[0].n, n);
+  // And it will not migrate again by itself: a second attempt is refused.
+  auto again = host::control_request(path("src.ctl"), {{"cmd", "migrate"}, {"to", sock()}});
+  ASSERT_TRUE(again.ok());
+  EXPECT_FALSE(again->value("ok", true));
+}
+
+TEST_F(MigrationFault, GarbageAnswerToHelloIsAClearErrorSourceUnharmed) {
+  REQUIRE_GUEST();
+  Child src = source();
+  FakeDestination fake(sock(), FakeDestination::Fail::garbage_ack);
+  Child mig = migrate();
+  EXPECT_EQ(mig.wait(30s), 1);
+  EXPECT_NE(report().value("error", "").find("[bad_magic]"), std::string::npos) << report().dump();
+  expect_source_runs_on();
+}
+
+TEST_F(MigrationFault, WrongVersionFromDestinationIsAClearError) {
+  REQUIRE_GUEST();
+  Child src = source();
+  FakeDestination fake(sock(), FakeDestination::Fail::wrong_version_ack);
+  Child mig = migrate();
+  EXPECT_EQ(mig.wait(30s), 1);
+  EXPECT_NE(report().value("error", "").find("[bad_version]"), std::string::npos) << report().dump();
+  expect_source_runs_on();
+}
+
+// --- hostile sources against the real `kvmig receive` ---
+
+Hello good_hello() {
+  Hello h;
+  h.migration_id = "fault-test";
+  h.vcpus = 1;
+  h.memory.ranges.push_back({0, kMem});
+  h.streams = 1;
+  return h;
+}
+
+// Runs `act` against a fresh receiver; returns (exit status, stderr, the ERROR it sent).
+struct Outcome {
+  int status = -1;
+  std::string err;
+  std::optional<ErrorMsg> sent;
+};
+
+class ReceiverFault : public MigrationFault {
+ protected:
+  Outcome against_receiver(const std::function<void(Connection&)>& act) {
+    Child dst = receiver();
+    auto conn = connect(*parse_endpoint(sock()), {});
+    EXPECT_TRUE(conn.ok()) << conn.error().message;
+    Outcome o;
+    if (conn.ok()) {
+      act(*conn);
+      // Whatever the receiver said before it closed.
+      for (;;) {
+        auto m = read_message(*conn->control, 0, {});
+        if (!m.ok()) break;
+        if (m->type() == MsgType::error) {
+          auto e = decode_error(m->payload);
+          if (e.ok()) o.sent = *e;
+        }
+      }
+    }
+    o.status = dst.wait(20s).value_or(-1);
+    o.err = read_text(path("recv.err"));
+    return o;
+  }
+};
+
+TEST_F(ReceiverFault, GarbageBytesAreRefused) {
+  REQUIRE_GUEST();
+  Outcome o = against_receiver([](Connection& c) {
+    std::string junk(100, '\x5a');
+    ASSERT_TRUE(c.control->write(junk.data(), junk.size()).ok());
+  });
+  EXPECT_EQ(o.status, 1);
+  EXPECT_NE(o.err.find("[bad_magic]"), std::string::npos) << o.err;
+}
+
+TEST_F(ReceiverFault, WrongVersionIsRefusedWithAnError) {
+  REQUIRE_GUEST();
+  Outcome o = against_receiver([](Connection& c) {
+    ASSERT_TRUE(send_message(*c.control, kWireVersion + 7, MsgType::hello, encode(good_hello())).ok());
+  });
+  EXPECT_EQ(o.status, 1);
+  EXPECT_NE(o.err.find("[bad_version]"), std::string::npos) << o.err;
+  ASSERT_TRUE(o.sent);
+  EXPECT_EQ(o.sent->code, WireCode::bad_version);
+}
+
+TEST_F(ReceiverFault, TruncatedStreamIsRefused) {
+  REQUIRE_GUEST();
+  Outcome o = against_receiver([](Connection& c) {
+    std::vector<uint8_t> hello = encode(good_hello());
+    WireHeader h = make_header(MsgType::hello, kWireVersion, hello, hello.size());
+    uint8_t head[kHeaderSize];
+    encode_header(h, head);
+    ASSERT_TRUE(c.control->write(head, kHeaderSize).ok());
+    ASSERT_TRUE(c.control->write(hello.data(), hello.size() / 2).ok());
+    c.control->shutdown();
+  });
+  EXPECT_EQ(o.status, 1);
+  EXPECT_NE(o.err.find("[truncated]"), std::string::npos) << o.err;
+}
+
+TEST_F(ReceiverFault, PagesOutsideGuestMemoryAreRefusedBeforeAnyWrite) {
+  REQUIRE_GUEST();
+  std::vector<uint8_t> page(kPageSize, 0xab);
+  Outcome o = against_receiver([&](Connection& c) {
+    ASSERT_TRUE(send_message(*c.control, kWireVersion, MsgType::hello, encode(good_hello())).ok());
+    auto ack = read_message(*c.control, 0, {});
+    ASSERT_TRUE(ack.ok() && ack->type() == MsgType::hello_ack);
+    PageBatchSender out(*c.data[0], kWireVersion, [&](uint64_t, uint64_t) { return page.data(); });
+    PageRun run{kMem, 1};  // the first page past guest RAM
+    ASSERT_TRUE(out.send(1, {&run, 1}).ok());
+  });
+  EXPECT_EQ(o.status, 1);
+  EXPECT_NE(o.err.find("[gpa_out_of_range]"), std::string::npos) << o.err;
+  ASSERT_TRUE(o.sent);
+  EXPECT_EQ(o.sent->code, WireCode::gpa_out_of_range);
+}
+
+TEST_F(ReceiverFault, LayoutThisVmmDoesNotBuildIsAConfigMismatch) {
+  REQUIRE_GUEST();
+  Outcome o = against_receiver([](Connection& c) {
+    Hello h = good_hello();
+    h.memory.ranges[0].gpa = 1ull << 30;  // RAM that does not start at 0
+    ASSERT_TRUE(send_message(*c.control, kWireVersion, MsgType::hello, encode(h)).ok());
+  });
+  EXPECT_EQ(o.status, 1);
+  EXPECT_NE(o.err.find("[config_mismatch]"), std::string::npos) << o.err;
+  ASSERT_TRUE(o.sent);
+  EXPECT_EQ(o.sent->code, WireCode::config_mismatch);
+}
+
+}  // namespace
+}  // namespace kvmig::testing
