@@ -67,7 +67,7 @@ qemu_row() {  # scenario config extra-args...
   local line
   line=$("$QEMU_BENCH" --accel "$ACCEL" --memory "$MEMORY" --cmdline "$(cmdline_of "$scenario")" \
            --scenario "$scenario" --timeout "$TIMEOUT" "${extra[@]}" "$@" || true)
-  if ! jq -e "type == \"object\"" >/dev/null 2>&1 <<<"$line"; then
+  if [ -z "$line" ] || ! jq -e "type == \"object\"" >/dev/null 2>&1 <<<"$line"; then
     not_run+=("qemu $scenario ($config): qemu_migration printed no report")
     return
   fi
@@ -99,7 +99,7 @@ kvmig_row() {  # scenario config migrate-args...
     port=$(sed -n 's/.*listening on [^ ]*:\([0-9]*\).*/\1/p' "$dir/receive.log" | head -n1)
     report=$("$KVMIG" migrate "$dir/src.sock" --to "127.0.0.1:$port" --json --no-progress \
                --timeout "$TIMEOUT" "$@" 2>"$dir/migrate.log" || true)
-    if ! jq -e "type == \"object\"" >/dev/null 2>&1 <<<"$report"; then
+    if [ -z "$report" ] || ! jq -e "type == \"object\"" >/dev/null 2>&1 <<<"$report"; then
       why="kvmig migrate gave no JSON report: $(tr '\n' ' ' <"$dir/migrate.log" | tail -c 300)"
     else
       local verdict=completed at; at=$(last_pass "$dir/src.console")
