@@ -10,6 +10,7 @@ void add_migrate_command(CLI::App& app);
 void add_receive_command(CLI::App& app);
 void add_status_command(CLI::App& app);
 void add_recover_command(CLI::App& app);
+void add_disk_command(CLI::App& app);
 
 int main(int argc, char** argv) {
   CLI::App app{"kvmig: live migration of KVM virtual machines"};
@@ -20,6 +21,7 @@ int main(int argc, char** argv) {
   add_receive_command(app);
   add_status_command(app);
   add_recover_command(app);
+  add_disk_command(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

@@ -282,6 +282,7 @@ Result<void> Session::switchover() {
   KVMIG_ASSIGN(std::vector<kvm::DirtyBitmap> send, harvest_counted(pages));
   for (size_t i = 0; i < send.size(); ++i)
     for (size_t w = 0; w < send[i].bits.size(); ++w) send[i].bits[w] |= deferred_[i].bits[w];
+  if (getenv("KVMIG_FINAL_ALL")) for (auto& b : send) for (auto& w : b.bits) w = ~0ull;  // EXPERIMENT
   KVMIG_TRY(tracker_->stop_tracking());
   KVMIG_ASSIGN(RoundStats st, send_round({}, send, false));
   report_.final_pages = st.pages;

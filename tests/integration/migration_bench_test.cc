@@ -54,7 +54,7 @@ void run_scenario(const std::string& name, const std::string& cmdline, std::vect
 
 TEST(MigrationBench, DISABLED_Idle) { run_scenario("idle", "idle=1", {}); }
 TEST(MigrationBench, DISABLED_Hot256) { run_scenario("hot256", "ws=256M pattern=seq", {}); }
-TEST(MigrationBench, DISABLED_Hot256Streams4) { run_scenario("hot256-4streams", "ws=256M pattern=seq", {"--streams", "4"}); }
+TEST(MigrationBench, DISABLED_Hot256Verify) { run_scenario("hot256-verify", "ws=256M pattern=seq", {"--verify"}); }
 TEST(MigrationBench, DISABLED_Hot1G) { run_scenario("hot1g", "ws=1G pattern=seq", {}); }
 
 }  // namespace
