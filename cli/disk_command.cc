@@ -15,6 +15,7 @@
 #include "helper/disk_copy_sink.h"
 #include "helper/disk_copy_source.h"
 #include "helper/transport.h"
+#include "helper/uring_engine.h"
 
 namespace {
 
@@ -143,6 +144,7 @@ int run_copy(const CopyOptions& o) {
                        {"data_bytes", data},           {"zero_bytes", zero},
                        {"hole_bytes", holes},          {"xxh3", r->xxh3},
                        {"handoff_at", handoff_at},     {"handed_off", handed_off},
+                       {"attempts", attempt},
                        {"seconds", secs},              {"connections", connections}};
       std::printf("%s\n", j.dump().c_str());
     }

@@ -10,6 +10,8 @@ void add_migrate_command(CLI::App& app);
 void add_receive_command(CLI::App& app);
 void add_status_command(CLI::App& app);
 void add_recover_command(CLI::App& app);
+void add_hook_command(CLI::App& app);     // cli/hook_command.cc
+void add_libvirt_command(CLI::App& app);  // cli/libvirt_command.cc
 void add_disk_command(CLI::App& app);
 
 int main(int argc, char** argv) {
@@ -21,6 +23,8 @@ int main(int argc, char** argv) {
   add_receive_command(app);
   add_status_command(app);
   add_recover_command(app);
+  add_hook_command(app);
+  add_libvirt_command(app);
   add_disk_command(app);
   CLI11_PARSE(app, argc, argv);
   return 0;

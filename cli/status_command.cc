@@ -1,4 +1,4 @@
-// `kvmig status [--site DIR] [--source-site DIR] [--migration ID] [--vm UUID]... [--json]`:
+// `kvmig status [--site DIR] [--source-site DIR] [--libvirt URI] [--migration ID] [--vm UUID]... [--json]`:
 // per VM of a (group) migration, the status checker's verdict (migrated / not-migrated /
 // in-doubt) with its reason, read from the destination site DIR (and the source site, when
 // given, for the source copy's state). Exit status: 0 every VM decided, 3 some VM in doubt,
@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "host/libvirt_placeholder.h"
+#include "host/placeholder_union.h"
 #include "host/recovery.h"
 #include "host/site_db.h"
 
@@ -24,6 +26,7 @@ struct StatusOptions {
   std::string source_site;
   std::string migration;
   std::vector<std::string> vms;
+  std::string libvirt;  // the destination's libvirtd: its domains are placeholders too
   bool json = false;
 };
 
@@ -51,7 +54,18 @@ int run_status(StatusOptions opt) {
     statuses = unreadable_status(opt.migration, opt.vms, dest.error().message);
   } else {
     SiteRecords records(**dest);
-    MicroVmRegistry placeholders(**dest);
+    MicroVmRegistry micro_vms(**dest);
+    std::unique_ptr<LibvirtConn> conn;
+    std::unique_ptr<LibvirtPlaceholders> domains;
+    std::vector<PlaceholderStore*> stores{&micro_vms};
+    if (!opt.libvirt.empty()) {
+      auto c = LibvirtConn::open(opt.libvirt);
+      if (!c.ok()) fail(kNothing, "--libvirt: " + c.error().message);
+      conn = std::make_unique<LibvirtConn>(std::move(*c));
+      domains = std::make_unique<LibvirtPlaceholders>(*conn);
+      stores.push_back(domains.get());
+    }
+    PlaceholderUnion placeholders(stores);
     std::unique_ptr<SiteDb> src_db;
     std::unique_ptr<SiteRecords> src_records;
     std::unique_ptr<MicroVmRegistry> src_registry;
@@ -122,6 +136,7 @@ void add_status_command(CLI::App& app) {
   cmd->add_option("--source-site", opt->source_site, "The source's site directory, to report the source copy too");
   cmd->add_option("--migration", opt->migration, "Only this migration id (default: every migration recorded)");
   cmd->add_option("--vm", opt->vms, "A VM UUID of the migration, even if the destination never recorded it");
+  cmd->add_option("--libvirt", opt->libvirt, "The destination's libvirt URI: its domains are placeholders too");
   cmd->add_flag("--json", opt->json, "Print JSON on stdout");
   cmd->callback([opt] {
     int status = run_status(*opt);

@@ -300,7 +300,8 @@ Result<DiskCopyReport> copy_disk(DiskImage& image, Connection& connection,
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   report.acked = std::max(report.acked, replies.acked);
   // The destination's own refusal explains a failure better than the send it broke.
-  if (replies.error && (!sent.ok() || (!replies.stopped_at && !replies.verified_hash)))
+  if (replies.error && (!replies.stopped_at && !replies.verified_hash) &&
+      (sent.ok() || replies.error->message.find("peer:") != std::string::npos))
     return *replies.error;
   if (!sent.ok()) return sent.error();
   if (replies.stopped_at) {

@@ -58,6 +58,9 @@ class Receiver {
   std::vector<kvm::StateSection> sections_;
   std::optional<Verify> verify_;
   std::mutex send_mu_;
+  SessionVm vm_;
+  bool started_recorded_ = false;
+  bool completed_recorded_ = false;
 
   // The page thread and what it shares with the control thread.
   std::thread pages_thread_;
@@ -107,6 +110,13 @@ Result<void> Receiver::hello() {
   snapshot_.emplace(std::move(*snap));
   for (const std::string& id : snapshot_->part_ids()) part_ids_.insert(id);
 
+  vm_.migration_id = hello_.migration_id;
+  vm_.uuid = hello_.vm_uuid;
+  if (opt_.events) {
+    auto r = opt_.events->on_started(vm_);
+    if (!r.ok()) return wire_error(WireCode::internal, "recording the migration start: " + r.error().message);
+    started_recorded_ = true;
+  }
   HelloAck ack;
   ack.version = version_;
   ack.features = hello_.features & kKnownFeatures;
@@ -248,7 +258,13 @@ Result<void> Receiver::commit() {
     return wire_error(WireCode::unexpected, std::string("expected COMMIT, got ") + msg_type_name(m.type()));
   KVMIG_TRY(decode_empty(m.payload, MsgType::commit));
   auto begin = Clock::now();
-  // (The durable "migration completed" record belongs here, before the VM runs: host/.)
+  // Durably "completed" before a single guest instruction runs here; if that cannot be
+  // written, the VM must not run (the source stays in doubt until the checker decides).
+  if (opt_.events) {
+    auto r = opt_.events->on_completed(vm_);
+    if (!r.ok()) return wire_error(WireCode::internal, "recording the migration completion: " + r.error().message);
+    completed_recorded_ = true;
+  }
   auto started = out_.machine->start();
   if (!started.ok()) return wire_error(WireCode::internal, "starting the VM: " + started.error().message);
   out_.resumed_at = Clock::now();
@@ -268,6 +284,10 @@ Result<ReceivedMachine> Receiver::run() {
     stop_pages();
     conn_.control->shutdown();
     out_.machine.reset();  // discarded: it never ran
+    if (opt_.events && started_recorded_ && !completed_recorded_) {
+      auto a = opt_.events->on_aborted(vm_, r.error().message);
+      if (!a.ok()) r.error().message += " (recording the abort failed too: " + a.error().message + ")";
+    }
     return std::move(r.error());
   }
   return std::move(out_);

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "base/result.h"
+#include "helper/session_events.h"
 #include "helper/transport.h"
 #include "helper/wire.h"
 #include "kvm/machine.h"
@@ -26,6 +27,8 @@ struct DestinationOptions {
   std::string console_path;  // the VM's console (empty: stdout)
   WireLimits limits;
   std::chrono::steady_clock::time_point start_time = std::chrono::steady_clock::now();
+  // The control plane's records (helper/session_events.h); nullptr: none kept.
+  SessionEvents* events = nullptr;
 };
 
 struct ReceivedMachine {

@@ -82,6 +82,8 @@ class Session {
   std::vector<kvm::DirtyBitmap> deferred_;     // hot pages owed at the switch-over
   std::vector<std::vector<uint8_t>> streak_;  // per slot, per page
   uint32_t round_ = 0;
+  SessionVm vm_id_;
+  bool user_paused_ = false;  // paused by its operator before the migration began
   bool paused_by_us_ = false;
   bool commit_sent_ = false;
   Clock::time_point start_ = Clock::now(), precopy_start_, pause_at_;
@@ -95,6 +97,7 @@ Result<Message> Session::read_control() {
 
 Result<void> Session::setup() {
   progress_->phase = kSetup;
+  user_paused_ = vm_.paused();
   TransportOptions topt;
   topt.streams = opt_.streams;
   auto conn = connect(opt_.to, topt);
@@ -103,8 +106,13 @@ Result<void> Session::setup() {
 
   Hello hello;
   hello.migration_id = opt_.migration_id.empty() ? random_id() : opt_.migration_id;
-  std::random_device rd;
-  for (auto& b : hello.vm_uuid) b = static_cast<uint8_t>(rd());
+  hello.vm_uuid = opt_.vm_uuid;
+  if (hello.vm_uuid == std::array<uint8_t, 16>{}) {
+    std::random_device rd;
+    for (auto& b : hello.vm_uuid) b = static_cast<uint8_t>(rd());
+  }
+  vm_id_.migration_id = hello.migration_id;
+  vm_id_.uuid = hello.vm_uuid;
   hello.vcpus = static_cast<uint32_t>(vm_.vcpus().size());
   for (const auto& r : vm_.memory().regions()) hello.memory.ranges.push_back({r.gpa, r.size});
   hello.dirty_ring_entries = vm_.config().dirty_ring_entries;
@@ -132,10 +140,9 @@ Result<void> Session::setup() {
   // holds until its next exit: a guest that rarely exits would stall it for seconds. A
   // brief pause makes it a matter of milliseconds.
   {
-    const bool was_paused = vm_.paused();
-    if (!was_paused) KVMIG_TRY(vm_.pause());
+    if (!user_paused_) KVMIG_TRY(vm_.pause());
     auto snap = kvm::MachineSnapshot::of(vm_);
-    if (!was_paused) KVMIG_TRY(vm_.resume());
+    if (!user_paused_) KVMIG_TRY(vm_.resume());
     if (!snap.ok()) return std::move(snap.error());
     snapshot_.emplace(std::move(*snap));
   }
@@ -234,7 +241,8 @@ Result<void> Session::precopy() {
     // What was just harvested stays in the tracker (nothing rearmed it): the paused
     // harvest of the switch-over sees it again.
     if (d.verdict == Verdict::switch_over) return ok();
-    throttle_.set(d.throttle);
+    // A VM its operator paused stays paused: nothing to throttle.
+    if (!user_paused_) throttle_.set(d.throttle);
     report_.max_throttle = std::max(report_.max_throttle, d.throttle);
     progress_->throttle_pct.store(static_cast<uint64_t>(d.throttle * 100));
 
@@ -270,11 +278,11 @@ Result<void> Session::switchover() {
   sender_->wait_drained(kDrainLimit);
   report_.precopy_ms = ms_between(precopy_start_, Clock::now());
   pause_at_ = Clock::now();
-  if (!vm_.paused()) {
+  // Not vm_.paused(): in the middle of a stun that says "paused" although the throttle is
+  // about to resume the VM. What counts is whether the VM was paused before we began.
+  if (!user_paused_) {
     paused_by_us_ = true;
     KVMIG_TRY(throttle_.stop_paused());
-  } else {
-    KVMIG_TRY(throttle_.stop());
   }
   // The last harvest, while paused: together with what pre-copy sent and the deferred hot
   // pages, this is all of guest memory as it now stands.
@@ -282,7 +290,6 @@ Result<void> Session::switchover() {
   KVMIG_ASSIGN(std::vector<kvm::DirtyBitmap> send, harvest_counted(pages));
   for (size_t i = 0; i < send.size(); ++i)
     for (size_t w = 0; w < send[i].bits.size(); ++w) send[i].bits[w] |= deferred_[i].bits[w];
-  if (getenv("KVMIG_FINAL_ALL")) for (auto& b : send) for (auto& w : b.bits) w = ~0ull;  // EXPERIMENT
   KVMIG_TRY(tracker_->stop_tracking());
   KVMIG_ASSIGN(RoundStats st, send_round({}, send, false));
   report_.final_pages = st.pages;
@@ -331,6 +338,11 @@ Result<void> Session::commit() {
   // Pause to DONE: an upper bound of pause -> destination's first vCPU run, by the one-way
   // latency of DONE (tens of microseconds on one host). See docs/protocol.md "Downtime".
   report_.downtime_ms = ms_between(pause_at_, now);
+  if (opt_.events) {
+    // The VM runs at the destination now; this copy stays paused for good either way.
+    auto r = opt_.events->on_released(vm_id_);
+    if (!r.ok()) report_.error = "recording the release failed: " + r.error().message;
+  }
   return ok();
 }
 

@@ -11,7 +11,10 @@
 #include <cstdint>
 #include <string>
 
+#include <array>
+
 #include "helper/migration_report.h"
+#include "helper/session_events.h"
 #include "helper/transport.h"
 #include "kvm/machine.h"
 
@@ -28,6 +31,8 @@ struct SourceOptions {
   double timeout = 60;                  // seconds of pre-copy before giving up; 0 = none
   uint8_t hot_rounds = 3;               // rounds in a row dirty before a page counts as hot
   std::string migration_id;             // empty: a random one
+  std::array<uint8_t, 16> vm_uuid{};    // the VM's UUID (all zero: a random one)
+  SourceEvents* events = nullptr;       // told on_released once DONE arrived; may be null
 };
 
 // Migrates `machine` (running, or paused by the caller) away. Never throws; the report's

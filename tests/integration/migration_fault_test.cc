@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "helper/messages.h"
+#include "helper/migration_destination.h"
 #include "helper/transport_pages.h"
 #include "helper/wire_pages.h"
 #include "tests/integration/migration_harness.h"
@@ -236,6 +237,90 @@ TEST_F(MigrationFault, WrongVersionFromDestinationIsAClearError) {
   EXPECT_EQ(mig.wait(30s), 1);
   EXPECT_NE(report().value("error", "").find("[bad_version]"), std::string::npos) << report().dump();
   expect_source_runs_on();
+}
+
+// The destination's record keeping (helper/session_events.h), with an in-process destination.
+struct RecordingEvents : SessionEvents {
+  std::mutex mu;
+  std::vector<std::string> calls;
+  bool fail_completed = false;
+  Result<void> note(const std::string& what) {
+    std::lock_guard lock(mu);
+    calls.push_back(what);
+    return ok();
+  }
+  Result<void> on_started(const SessionVm& vm) override { return note("started " + vm.migration_id); }
+  Result<void> on_completed(const SessionVm&) override {
+    (void)note("completed");
+    if (fail_completed) return Error{"disk full"};
+    return ok();
+  }
+  Result<void> on_aborted(const SessionVm&, const std::string&) override { return note("aborted"); }
+};
+
+struct InProcessDestination {
+  InProcessDestination(const std::string& listen, RecordingEvents& events) {
+    auto l = Listener::listen(*parse_endpoint(listen), {});
+    EXPECT_TRUE(l.ok());
+    listener.emplace(std::move(*l));
+    thread = std::thread([this, &events] {
+      auto conn = listener->accept();
+      if (!conn.ok()) return;
+      DestinationOptions opt;
+      opt.console_path = "/dev/null";
+      opt.events = &events;
+      auto got = receive_machine(*conn, opt);
+      ok = got.ok();
+      if (got.ok()) {
+        got->machine->stop(0);
+        (void)got->machine->wait();
+      } else {
+        error = got.error().message;
+      }
+    });
+  }
+  ~InProcessDestination() { thread.join(); }
+  std::optional<Listener> listener;
+  std::thread thread;
+  bool ok = false;
+  std::string error;
+};
+
+TEST_F(MigrationFault, DestinationRecordsStartedThenCompletedBeforeRunning) {
+  REQUIRE_GUEST();
+  Child src = source();
+  RecordingEvents events;
+  {
+    InProcessDestination dst(sock(), events);
+    Child mig = migrate({"--max-downtime", "1000", "--streams", "2"});
+    EXPECT_EQ(mig.wait(30s), 0) << read_text(path("mig.err"));
+  }
+  ASSERT_EQ(events.calls.size(), 2u);
+  EXPECT_EQ(events.calls[0].rfind("started mig-", 0), 0u) << events.calls[0];
+  EXPECT_EQ(events.calls[1], "completed");
+}
+
+TEST_F(MigrationFault, CompletionNotRecordedMeansTheVmNeverRunsAndTheSourceIsInDoubt) {
+  REQUIRE_GUEST();
+  Child src = source();
+  RecordingEvents events;
+  events.fail_completed = true;
+  std::string dst_error;
+  {
+    InProcessDestination dst(sock(), events);
+    Child mig = migrate({"--max-downtime", "1000"});
+    EXPECT_EQ(mig.wait(30s), 3) << read_text(path("mig.err"));
+    dst.thread.join();
+    dst.thread = std::thread([] {});
+    EXPECT_FALSE(dst.ok);
+    dst_error = dst.error;
+  }
+  EXPECT_NE(dst_error.find("disk full"), std::string::npos) << dst_error;
+  EXPECT_EQ(events.calls.back(), "aborted");
+  EXPECT_EQ(report().value("result", ""), "in-doubt");
+  auto stats = host::control_request(path("src.ctl"), {{"cmd", "stats"}});
+  ASSERT_TRUE(stats.ok());
+  EXPECT_TRUE(stats->value("paused", false));
 }
 
 // --- hostile sources against the real `kvmig receive` ---
