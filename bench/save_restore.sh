@@ -44,7 +44,7 @@ wait_for() {
 }
 
 # gbps BYTES SECONDS
-gbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.2f", s > 0 ? b / s / 1e9 : 0 }'; }
+gbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.2f", (s > 0 ? b / s / 1e9 : 0) }'; }
 
 # dd_seconds DD-ARGS...: runs dd, prints its elapsed seconds.
 dd_seconds() { dd "$@" 2>&1 | sed -n 's/.* copied, \([0-9.]*\) s.*/\1/p'; }
@@ -64,7 +64,7 @@ for WS in $WORKING_SETS; do
   VM_PID=
   # kvmig: saved PATH: 4.00 GiB guest, 1026.1 MiB of pages, 3.428 s (1.25 GB/s)
   ram=$(awk -v m="$MEMORY" 'BEGIN { u = substr(m, length(m)); n = substr(m, 1, length(m) - 1);
-        print n * (u == "G" ? 2^30 : u == "M" ? 2^20 : 1) }')
+        printf "%.0f", n * (u == "G" ? 2^30 : u == "M" ? 2^20 : 1) }')
   data_mib=$(sed -n 's/.*guest, \([0-9.]*\) MiB of pages.*/\1/p' "$DIR/save.err")
   data=$(awk -v m="$data_mib" 'BEGIN { printf "%.0f", m * 2^20 }')
   save_s=$(sed -n 's/.*pages, \([0-9.]*\) s .*/\1/p' "$DIR/save.err")

@@ -204,6 +204,11 @@ Result<void> StateFileWriter::finish() {
 Result<StateFileReader> StateFileReader::open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return Error::from_errno("open state file " + path);
+  // The file is read once, front to back, mostly in huge reads straight into guest memory;
+  // without this the kernel reads ahead in 128 KiB steps and a restore from disk (the save
+  // bypassed the page cache) runs several times slower than `dd`. Advice only: no error.
+  (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
   return from_fd(Fd(fd), path);
 }
 

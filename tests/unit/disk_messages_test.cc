@@ -60,7 +60,7 @@ TEST(DiskMessages, OpenRejectsUnalignedAndOutOfRangeSizes) {
   EXPECT_TRUE(bad([](DiskOpen& m) { m.max_extent = 32u << 20; }));
   EXPECT_TRUE(bad([](DiskOpen& m) { m.data_bytes = m.image_size + 1; }));
   EXPECT_TRUE(bad([](DiskOpen& m) { m.flags = 2; }));
-  EXPECT_FALSE(bad([](DiskOpen& m) { m.image_size = 512 * 3; }));
+  EXPECT_FALSE(bad([](DiskOpen& m) { m.image_size = 512 * 3, m.data_bytes = 0; }));
 }
 
 TEST(DiskMessages, OpenRejectsTrailingBytes) {

@@ -1,0 +1,98 @@
+#!/bin/sh
+# Disk copy, side by side: a 4 GiB raw image, half data (random) and half holes, copied by
+# `kvmig disk copy` over loopback, `dd bs=1M oflag=direct`, `cp` and `qemu-img convert`, next
+# to fio sequential read and write (io_uring, O_DIRECT, 1 MiB, depth 32) on the same file
+# system as the device limit. Every copy ends durable (kvmig fdatasyncs; the others are
+# followed by `sync`) and starts with the source evicted from the page cache
+# (dd iflag=nocache count=0), so no tool reads from memory what another read from disk.
+# Usage: bench/disk_copy_bench.sh [WORKDIR]   env: KVMIG=path/to/kvmig SIZE_MIB=4096
+# Needs ~12 GiB free in WORKDIR (default: build-bench/disk next to this script).
+set -eu
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+DIR=${1:-$SRC/build-bench/disk}
+KVMIG=${KVMIG:-$SRC/build/cli/kvmig}
+SIZE_MIB=${SIZE_MIB:-4096}
+DATA_MIB=$((SIZE_MIB / 2))
+mkdir -p "$DIR/root"
+IMG=$DIR/image.raw
+rm -f "$IMG" "$DIR"/out.* "$DIR/root/kvmig.img" "$DIR/root/kvmig.img.kvmig-partial" "$DIR/fio.dat"
+
+now() { date +%s.%N; }
+evict() { dd if="$1" iflag=nocache count=0 status=none 2>/dev/null || true; }
+rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.0f", b / s / 1048576 }'; }
+
+# The image: 64 MiB of random data, then 64 MiB of hole, alternating.
+dd if=/dev/urandom of="$DIR/chunk" bs=1M count=64 status=none
+truncate -s "${SIZE_MIB}M" "$IMG"
+i=0
+while [ $((i * 128)) -lt "$SIZE_MIB" ]; do
+  dd if="$DIR/chunk" of="$IMG" bs=1M seek=$((i * 128)) conv=notrunc oflag=direct status=none
+  i=$((i + 1))
+done
+rm -f "$DIR/chunk"
+sync
+BYTES=$((SIZE_MIB * 1048576))
+DATA=$(du -B1 "$IMG" | cut -f1)
+
+# fio: the device limit, on the same file system.
+fio_bw() {  # rw -> MiB/s
+  fio --name=limit --filename="$DIR/fio.dat" --rw="$1" --bs=1M --size="${DATA_MIB}M" --direct=1 \
+      --ioengine=io_uring --iodepth=32 --output-format=json 2>/dev/null |
+    jq -r ".jobs[0].$2.bw_bytes / 1048576 | floor"
+}
+FIO_W=$(fio_bw write write)
+FIO_R=$(fio_bw read read)
+rm -f "$DIR/fio.dat"
+
+row() {  # name seconds note
+  printf '| %-28s | %7.2f | %9s | %10s | %s |\n' "$1" "$2" "$(rate "$BYTES" "$2")" "$(rate "$DATA" "$2")" "$3"
+}
+
+echo "image: ${SIZE_MIB} MiB, $((DATA / 1048576)) MiB data, rest holes; fio write ${FIO_W} MiB/s, read ${FIO_R} MiB/s"
+echo
+echo '| tool                         |       s | image MiB/s | data MiB/s | notes |'
+echo '|------------------------------|---------|-----------|------------|-------|'
+
+# kvmig over loopback.
+rm -f "$DIR/serve.log"
+"$KVMIG" disk serve --listen 127.0.0.1:0 --root "$DIR/root" 2>"$DIR/serve.log" &
+SERVE=$!
+trap 'kill $SERVE 2>/dev/null || true' EXIT
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  PORT=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$DIR/serve.log")
+  [ -n "$PORT" ] && break
+  sleep 0.2
+done
+evict "$IMG"
+T0=$(now)
+"$KVMIG" disk copy "$IMG" "127.0.0.1:$PORT:kvmig.img" --json >"$DIR/kvmig.json"
+T1=$(now)
+row "kvmig disk copy (loopback)" "$(echo "$T1 - $T0" | bc)" "verified XXH3, $(du -B1M "$DIR/root/kvmig.img" | cut -f1) MiB allocated"
+
+evict "$IMG"
+T0=$(now)
+dd if="$IMG" of="$DIR/out.dd" bs=1M oflag=direct status=none
+sync
+T1=$(now)
+row "dd bs=1M oflag=direct" "$(echo "$T1 - $T0" | bc)" "$(du -B1M "$DIR/out.dd" | cut -f1) MiB allocated"
+
+evict "$IMG"
+T0=$(now)
+cp "$IMG" "$DIR/out.cp"
+sync
+T1=$(now)
+row "cp (+ sync)" "$(echo "$T1 - $T0" | bc)" "$(du -B1M "$DIR/out.cp" | cut -f1) MiB allocated"
+
+evict "$IMG"
+T0=$(now)
+qemu-img convert -f raw -O raw "$IMG" "$DIR/out.qemu"
+sync
+T1=$(now)
+row "qemu-img convert (+ sync)" "$(echo "$T1 - $T0" | bc)" "$(du -B1M "$DIR/out.qemu" | cut -f1) MiB allocated"
+
+for f in out.dd out.cp out.qemu root/kvmig.img; do
+  cmp -s "$IMG" "$DIR/$f" || echo "MISMATCH: $f differs from the image"
+done
+printf '| %-28s | %7s | %9s | %10s | %s |\n' "fio write (limit)" "" "" "$FIO_W" "io_uring, O_DIRECT, 1 MiB, depth 32"
+printf '| %-28s | %7s | %9s | %10s | %s |\n' "fio read (limit)" "" "" "$FIO_R" "io_uring, O_DIRECT, 1 MiB, depth 32"
+rm -f "$IMG" "$DIR"/out.* "$DIR/root/kvmig.img"
