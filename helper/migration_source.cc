@@ -336,7 +336,8 @@ Result<void> Session::commit() {
   auto now = Clock::now();
   report_.commit_ms = ms_between(begin, now);
   // Pause to DONE: an upper bound of pause -> destination's first vCPU run, by the one-way
-  // latency of DONE (tens of microseconds on one host). See docs/protocol.md "Downtime".
+  // latency of DONE (tens of microseconds on one host); the same method between hosts. The
+  // destination logs its resume time (CLOCK_MONOTONIC) for an exact figure on one host.
   report_.downtime_ms = ms_between(pause_at_, now);
   if (opt_.events) {
     // The VM runs at the destination now; this copy stays paused for good either way.

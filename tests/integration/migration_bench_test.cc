@@ -47,7 +47,6 @@ void run_scenario(const std::string& name, const std::string& cmdline, std::vect
   EXPECT_TRUE(after.corrupt.empty());
   EXPECT_TRUE(after.errors.empty());
   dst.kill9();
-  std::fprintf(stderr, "src console ends with newline: %d\n", read_text(spec.console).back() == 0x0a);
   if (!::testing::Test::HasFailure()) std::system(("rm -rf " + dir).c_str());
   else std::fprintf(stderr, "kept %s\n", dir.c_str());
 }
