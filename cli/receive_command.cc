@@ -16,6 +16,7 @@
 #include "helper/transport.h"
 #include "host/control_server.h"
 #include "host/machine_control.h"
+#include "cli/vm_state_command.h"
 #include "host/migrate_command.h"
 
 namespace {
@@ -67,6 +68,7 @@ int run_receive(const ReceiveOptions& opt) {
   kvmig::host::ControlServer control;
   kvmig::host::register_machine_commands(control, vm);
   kvmig::host::register_migrate_commands(control, vm);
+  kvmig::cli::register_state_commands(control, vm);
   if (!opt.no_control) {
     std::string path = opt.control.empty() ? kvmig::host::ControlServer::default_path() : opt.control;
     if (auto r = control.start(path); !r.ok()) {

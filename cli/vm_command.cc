@@ -14,6 +14,7 @@
 #include "host/control_server.h"
 #include "cli/vm_state_command.h"
 #include "host/machine_control.h"
+#include "host/migrate_command.h"
 #include "kvm/guest_memory.h"
 #include "kvm/machine.h"
 
@@ -112,6 +113,7 @@ int run_vm(const VmRunOptions& opt, std::chrono::steady_clock::time_point start)
   kvmig::host::ControlServer control;
   kvmig::host::register_machine_commands(control, vm);
   kvmig::cli::register_state_commands(control, vm);
+  kvmig::host::register_migrate_commands(control, vm);
   if (!opt.no_control) {
     std::string path = opt.control.empty() ? kvmig::host::ControlServer::default_path() : opt.control;
     if (auto r = control.start(path); !r.ok()) {

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "host/machine_control.h"
+#include "host/migrate_command.h"
 #include "kvm/machine_snapshot.h"
 #include "kvm/state_file.h"
 
@@ -84,6 +85,7 @@ int run_restore(const RestoreOptions& opt) {
 
   host::ControlServer control;
   host::register_machine_commands(control, vm);
+  host::register_migrate_commands(control, vm);
   register_state_commands(control, vm);
   if (!opt.no_control) {
     std::string path = opt.control.empty() ? host::ControlServer::default_path() : opt.control;

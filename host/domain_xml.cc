@@ -1,6 +1,15 @@
 #include "host/domain_xml.h"
 
+#include <libxml/parser.h>
+#include <libxml/parserInternals.h>
+#include <libxml/SAX2.h>
+#include <libxml/tree.h>
+#include <libxml/xmlerror.h>
+
 #include <charconv>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 
 #include "host/site_records.h"
 
@@ -8,186 +17,115 @@ namespace kvmig::host {
 
 namespace {
 
-bool name_start(char c) { return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_' || c == ':' || (c & 0x80); }
-bool name_char(char c) { return name_start(c) || (c >= '0' && c <= '9') || c == '-' || c == '.'; }
-bool space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+// libxml2 builds the tree; two things it does not keep are added through its SAX2 hooks:
+// each element's byte range (with_mark splices kvmig's element into the source's XML text
+// rather than re-serialising libvirt's document), and the refusal of any DOCTYPE before its
+// internal subset is read, so no entity is ever declared, let alone expanded.
+struct ParseState {
+  std::string_view doc;
+  std::unordered_map<const xmlNode*, std::pair<size_t, size_t>> spans;
+  bool doctype = false;
+  bool bad_offset = false;
+  std::string first_error;
+};
 
-void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out += char(cp);
-  } else if (cp < 0x800) {
-    out += char(0xc0 | (cp >> 6));
-    out += char(0x80 | (cp & 0x3f));
-  } else if (cp < 0x10000) {
-    out += char(0xe0 | (cp >> 12));
-    out += char(0x80 | ((cp >> 6) & 0x3f));
-    out += char(0x80 | (cp & 0x3f));
-  } else {
-    out += char(0xf0 | (cp >> 18));
-    out += char(0x80 | ((cp >> 12) & 0x3f));
-    out += char(0x80 | ((cp >> 6) & 0x3f));
-    out += char(0x80 | (cp & 0x3f));
-  }
+ParseState* state_of(void* ctx) { return static_cast<ParseState*>(static_cast<xmlParserCtxtPtr>(ctx)->_private); }
+
+// Where the parser is in the document, in bytes; npos when libxml2 cannot tell.
+size_t consumed(void* ctx) {
+  long n = xmlByteConsumed(static_cast<xmlParserCtxtPtr>(ctx));
+  return n < 0 ? std::string_view::npos : size_t(n);
 }
 
-class Reader {
- public:
-  Reader(std::string_view doc, size_t max_depth) : s_(doc), max_depth_(max_depth) {}
+void on_doctype(void* ctx, const xmlChar*, const xmlChar*, const xmlChar*) {
+  state_of(ctx)->doctype = true;
+  xmlStopParser(static_cast<xmlParserCtxtPtr>(ctx));
+}
 
-  Result<XmlElement> document() {
-    if (s_.substr(0, 3) == "\xef\xbb\xbf") pos_ = 3;
-    KVMIG_TRY(misc());
-    if (pos_ >= s_.size() || s_[pos_] != '<') return fail("expected the root element");
-    XmlElement root;
-    KVMIG_TRY(element(root, 1));
-    KVMIG_TRY(misc());
-    if (pos_ != s_.size()) return fail("content after the root element");
-    return root;
-  }
+// Called with the parser at the '>' or "/>" of the start tag; '<' cannot occur inside a start
+// tag (not even in attribute values), so the last '<' before it opens the element.
+void on_start(void* ctx, const xmlChar* localname, const xmlChar* prefix, const xmlChar* uri, int nb_namespaces,
+              const xmlChar** namespaces, int nb_attributes, int nb_defaulted, const xmlChar** attributes) {
+  xmlSAX2StartElementNs(ctx, localname, prefix, uri, nb_namespaces, namespaces, nb_attributes, nb_defaulted,
+                        attributes);
+  ParseState* st = state_of(ctx);
+  const xmlNode* node = static_cast<xmlParserCtxtPtr>(ctx)->node;
+  size_t at = consumed(ctx);
+  size_t lt = at == std::string_view::npos || at > st->doc.size() ? at : st->doc.rfind('<', at);
+  if (!node || lt == std::string_view::npos) st->bad_offset = true;
+  else st->spans[node] = {lt, lt};
+}
 
- private:
-  Error fail(const std::string& what) const { return Error{"XML: " + what + " at byte " + std::to_string(pos_)}; }
-  bool starts(std::string_view p) const { return s_.substr(pos_, p.size()) == p; }
-  void skip_space() {
-    while (pos_ < s_.size() && space(s_[pos_])) ++pos_;
-  }
-  Result<void> skip_past(std::string_view end, const char* what) {
-    size_t at = s_.find(end, pos_);
-    if (at == std::string_view::npos) return fail(std::string("unterminated ") + what);
-    pos_ = at + end.size();
-    return ok();
-  }
+// Called with the parser just past the end tag's '>' (or the "/>" of an empty element).
+void on_end(void* ctx, const xmlChar* localname, const xmlChar* prefix, const xmlChar* uri) {
+  ParseState* st = state_of(ctx);
+  auto it = st->spans.find(static_cast<xmlParserCtxtPtr>(ctx)->node);
+  size_t at = consumed(ctx);
+  if (it == st->spans.end() || at == std::string_view::npos || at > st->doc.size()) st->bad_offset = true;
+  else it->second.second = at;
+  xmlSAX2EndElementNs(ctx, localname, prefix, uri);
+}
 
-  // Whitespace, comments and processing instructions around the root.
-  Result<void> misc() {
-    for (;;) {
-      skip_space();
-      if (starts("<!--")) {
-        KVMIG_TRY(skip_past("-->", "comment"));
-      } else if (starts("<?")) {
-        KVMIG_TRY(skip_past("?>", "processing instruction"));
-      } else if (starts("<!")) {
-        return fail("DOCTYPE and declarations are not accepted");
-      } else {
-        return ok();
-      }
-    }
-  }
+void on_error(void* ctx, xmlErrorPtr err) {
+  ParseState* st = state_of(ctx);
+  if (!err || err->level < XML_ERR_ERROR || !st->first_error.empty()) return;
+  std::string msg = err->message ? err->message : "not well-formed";
+  while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
+  st->first_error = msg + " at line " + std::to_string(err->line) + ", column " + std::to_string(err->int2);
+}
 
-  Result<std::string> name() {
-    size_t b = pos_;
-    if (pos_ >= s_.size() || !name_start(s_[pos_])) return fail("expected a name");
-    while (pos_ < s_.size() && name_char(s_[pos_])) ++pos_;
-    return std::string(s_.substr(b, pos_ - b));
-  }
+std::string text_of(const xmlChar* s) { return s ? reinterpret_cast<const char*>(s) : ""; }
 
-  // Decodes character data up to (not including) `stop`, which must not be '<' inside values.
-  Result<void> decode(std::string_view raw, std::string& out) {
-    for (size_t i = 0; i < raw.size(); ++i) {
-      char c = raw[i];
-      if (c != '&') {
-        out += c;
-        continue;
-      }
-      size_t semi = raw.find(';', i);
-      if (semi == std::string_view::npos || semi - i > 12) return fail("bad entity reference");
-      std::string_view ent = raw.substr(i + 1, semi - i - 1);
-      if (ent == "lt") out += '<';
-      else if (ent == "gt") out += '>';
-      else if (ent == "amp") out += '&';
-      else if (ent == "quot") out += '"';
-      else if (ent == "apos") out += '\'';
-      else if (ent.size() > 1 && ent[0] == '#') {
-        int base = 10;
-        std::string_view digits = ent.substr(1);
-        if (digits[0] == 'x') base = 16, digits = digits.substr(1);
-        uint32_t cp = 0;
-        auto [p, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), cp, base);
-        if (digits.empty() || ec != std::errc() || p != digits.data() + digits.size() || cp == 0 || cp > 0x10ffff)
-          return fail("bad character reference &" + std::string(ent) + ";");
-        append_utf8(out, cp);
-      } else {
-        return fail("unknown entity &" + std::string(ent) + ";");
-      }
-      i = semi;
-    }
-    return ok();
-  }
+std::string qualified(const xmlNs* ns, const xmlChar* name) {
+  if (ns && ns->prefix) return text_of(ns->prefix) + ":" + text_of(name);
+  return text_of(name);  // no prefix, or an undeclared one that libxml2 kept in the name
+}
 
-  Result<void> element(XmlElement& e, size_t depth) {
-    if (depth > max_depth_) return fail("elements nested too deeply");
-    e.begin = pos_;
-    ++pos_;  // '<'
-    KVMIG_ASSIGN(e.name, name());
-    for (;;) {
-      size_t before = pos_;
-      skip_space();
-      if (pos_ >= s_.size()) return fail("unterminated start tag <" + e.name + ">");
-      if (starts("/>")) {
-        pos_ += 2;
-        e.end = pos_;
-        return ok();
-      }
-      if (s_[pos_] == '>') {
-        ++pos_;
-        break;
-      }
-      if (before == pos_) return fail("expected whitespace before an attribute of <" + e.name + ">");
-      KVMIG_ASSIGN(std::string attr, name());
-      skip_space();
-      if (pos_ >= s_.size() || s_[pos_] != '=') return fail("expected '=' after attribute " + attr);
-      ++pos_;
-      skip_space();
-      if (pos_ >= s_.size() || (s_[pos_] != '"' && s_[pos_] != '\'')) return fail("unquoted value of " + attr);
-      char q = s_[pos_++];
-      size_t close = s_.find(q, pos_);
-      if (close == std::string_view::npos) return fail("unterminated value of " + attr);
-      std::string_view raw = s_.substr(pos_, close - pos_);
-      if (raw.find('<') != std::string_view::npos) return fail("'<' in the value of " + attr);
-      for (const auto& [n, v] : e.attributes)
-        if (n == attr) return fail("attribute " + attr + " repeated");
-      std::string value;
-      KVMIG_TRY(decode(raw, value));
-      e.attributes.emplace_back(std::move(attr), std::move(value));
-      pos_ = close + 1;
-    }
-    // Content: text, children, comments, CDATA, PIs, then the matching end tag.
-    for (;;) {
-      size_t lt = s_.find('<', pos_);
-      if (lt == std::string_view::npos) return fail("missing </" + e.name + ">");
-      KVMIG_TRY(decode(s_.substr(pos_, lt - pos_), e.text));
-      pos_ = lt;
-      if (starts("</")) {
-        pos_ += 2;
-        KVMIG_ASSIGN(std::string closing, name());
-        if (closing != e.name) return fail("</" + closing + "> closes <" + e.name + ">");
-        skip_space();
-        if (pos_ >= s_.size() || s_[pos_] != '>') return fail("bad end tag </" + closing);
-        ++pos_;
-        e.end = pos_;
-        return ok();
-      }
-      if (starts("<!--")) {
-        KVMIG_TRY(skip_past("-->", "comment"));
-      } else if (starts("<![CDATA[")) {
-        size_t b = pos_ + 9;
-        KVMIG_TRY(skip_past("]]>", "CDATA section"));
-        e.text.append(s_.substr(b, pos_ - 3 - b));
-      } else if (starts("<?")) {
-        KVMIG_TRY(skip_past("?>", "processing instruction"));
-      } else if (starts("<!")) {
-        return fail("declaration inside an element");
-      } else {
-        e.children.emplace_back();
-        KVMIG_TRY(element(e.children.back(), depth + 1));
-      }
-    }
-  }
-
-  std::string_view s_;
-  size_t pos_ = 0;
-  size_t max_depth_;
+struct ParserCtxtFree {
+  void operator()(xmlParserCtxtPtr c) const { xmlFreeParserCtxt(c); }
 };
+struct DocFree {
+  void operator()(xmlDocPtr d) const { xmlFreeDoc(d); }
+};
+
+Error fail(const std::string& what) { return Error{"XML: " + what}; }
+
+Result<void> convert(const xmlNode* n, XmlElement& e, size_t depth, size_t max_depth, const ParseState& st) {
+  e.name = qualified(n->ns, n->name);
+  if (depth > max_depth) return fail("elements nested too deeply (<" + e.name + "> at line " + std::to_string(n->line) + ")");
+  auto span = st.spans.find(n);
+  if (span == st.spans.end()) return fail("no position for <" + e.name + ">");
+  std::tie(e.begin, e.end) = span->second;
+  // A check of the positions taken from the parser: a splice at a wrong place would corrupt
+  // the placeholder's definition, so it is an error rather than a guess.
+  if (e.end <= e.begin || st.doc.compare(e.begin, e.name.size() + 1, "<" + e.name) != 0 || st.doc[e.end - 1] != '>')
+    return fail("the parser's position of <" + e.name + "> does not match the document (not UTF-8?)");
+  // Namespace declarations are attributes as written (the kvmig element is found by them).
+  for (const xmlNs* ns = n->nsDef; ns; ns = ns->next)
+    e.attributes.emplace_back(ns->prefix ? "xmlns:" + text_of(ns->prefix) : std::string("xmlns"), text_of(ns->href));
+  for (const xmlAttr* a = n->properties; a; a = a->next) {
+    xmlChar* v = xmlNodeListGetString(n->doc, a->children, 1);
+    e.attributes.emplace_back(qualified(a->ns, a->name), text_of(v));
+    xmlFree(v);
+  }
+  for (const xmlNode* c = n->children; c; c = c->next) {
+    switch (c->type) {
+      case XML_ELEMENT_NODE:
+        e.children.emplace_back();
+        KVMIG_TRY(convert(c, e.children.back(), depth + 1, max_depth, st));
+        break;
+      case XML_TEXT_NODE:
+      case XML_CDATA_SECTION_NODE:
+        e.text += text_of(c->content);
+        break;
+      case XML_ENTITY_REF_NODE:  // cannot be declared without a DTD; refused all the same
+        return fail("entity reference &" + text_of(c->name) + "; in <" + e.name + ">");
+      default:  // comments, processing instructions
+        break;
+    }
+  }
+  return ok();
+}
 
 std::string_view prefix_of(std::string_view qname) {
   size_t colon = qname.find(':');
@@ -225,7 +163,37 @@ const XmlElement* XmlElement::child(std::string_view local) const {
 }
 
 Result<XmlElement> parse_xml(std::string_view document, size_t max_depth) {
-  return Reader(document, max_depth).document();
+  if (document.size() > kMaxXmlBytes)
+    return fail("document of " + std::to_string(document.size()) + " bytes, more than " +
+                std::to_string(kMaxXmlBytes));
+  if (document.empty()) return fail("empty document");
+  static std::once_flag init;
+  std::call_once(init, [] { xmlInitParser(); });
+  std::unique_ptr<xmlParserCtxt, ParserCtxtFree> ctxt(xmlNewParserCtxt());
+  if (!ctxt || !ctxt->sax) return fail("libxml2 cannot make a parser (out of memory)");
+  ParseState st;
+  st.doc = document;
+  ctxt->_private = &st;
+  ctxt->sax->internalSubset = on_doctype;
+  ctxt->sax->externalSubset = nullptr;
+  ctxt->sax->startElementNs = on_start;
+  ctxt->sax->endElementNs = on_end;
+  ctxt->sax->serror = on_error;
+  // No network, no DTD loading, no entity substitution (XML_PARSE_NOENT not given), errors
+  // kept here rather than printed; the bytes are UTF-8 whatever the declaration says, so
+  // positions are byte offsets.
+  int options = XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING | XML_PARSE_IGNORE_ENC;
+  std::unique_ptr<xmlDoc, DocFree> doc(
+      xmlCtxtReadMemory(ctxt.get(), document.data(), int(document.size()), nullptr, nullptr, options));
+  if (st.doctype) return fail("DOCTYPE and declarations are not accepted");
+  if (!doc || !ctxt->wellFormed)
+    return fail(st.first_error.empty() ? std::string("not well-formed") : st.first_error);
+  if (st.bad_offset) return fail("libxml2 gave no position for an element");
+  const xmlNode* root = xmlDocGetRootElement(doc.get());
+  if (!root) return fail("expected the root element");
+  XmlElement out;
+  KVMIG_TRY(convert(root, out, 1, max_depth, st));
+  return out;
 }
 
 std::string xml_escape(std::string_view text) {

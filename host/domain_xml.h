@@ -1,10 +1,11 @@
 // DomainXml: the few facts kvmig reads from a libvirt domain XML (name, UUID and kvmig's
-// metadata element), by a small strict XML reader. It exists so that the libvirt hook can
-// check the XML libvirt pipes to it without calling back into libvirt, and so that the
-// placeholder can be defined from the source's XML with kvmig's element spliced in.
-// The reader accepts well-formed XML only (matching tags, quoted attributes, the five
-// predefined entities and character references); a DOCTYPE is refused, so no entity can
-// expand. Its input is libvirt's own output, but the hook reads it from stdin: checked.
+// metadata element), read with libxml2. It exists so that the libvirt hook can check the
+// XML libvirt pipes to it without calling back into libvirt, and so that the placeholder can
+// be defined from the source's XML with kvmig's element spliced in.
+// Only well-formed XML of at most kMaxXmlBytes is accepted (the five predefined entities and
+// character references are decoded); a DOCTYPE is refused before its internal subset is
+// read, so no entity can be declared or expand, and nothing is loaded from the network.
+// Its input is libvirt's own output, but the hook reads it from stdin: checked.
 #pragma once
 
 #include <cstddef>
@@ -31,7 +32,10 @@ struct XmlElement {
   const XmlElement* child(std::string_view local) const;  // first child with that local name
 };
 
-// The document's root element. Errors say what is wrong and at which byte.
+// libvirt's domain XMLs are kilobytes; the hook reads at most this much from stdin too.
+inline constexpr size_t kMaxXmlBytes = size_t(16) << 20;
+
+// The document's root element. Errors are one line and say what is wrong and where.
 Result<XmlElement> parse_xml(std::string_view document, size_t max_depth = 64);
 
 std::string xml_escape(std::string_view text);  // for attribute values and text
