@@ -7,8 +7,9 @@
 # Defaults: MEMORY 4G, working sets 1G and 3G (the test guest writes every page of its
 # working set in its first pass; the rest of RAM stays zero and is skipped by the save).
 # The state file goes to $TMPDIR (default /tmp). kvmig writes it with O_DIRECT where the file
-# system allows, so the restore reads it from the disk, not from the page cache; the dd
-# figures are shown both ways (page cache + fsync, and O_DIRECT) for the same byte count.
+# system allows; before each read of it (dd and kvmig) its page cache is dropped as well
+# (drop_cache), so both read it from the disk. The dd write figures are shown both ways
+# (page cache + fsync, and O_DIRECT) for the same byte count.
 #
 # Times are kvmig's own (from its "saved"/"restored" lines: the state file write/read with
 # zero-page detection and checksums; not VM creation). GB/s = 10^9 bytes/s, given two ways:
@@ -42,6 +43,9 @@ wait_for() {
     sleep 0.1
   done
 }
+
+# drop_cache FILE: evicts FILE (only it) from the page cache.
+drop_cache() { dd of="$1" oflag=nocache conv=notrunc,fdatasync count=0 2>/dev/null; }
 
 # gbps BYTES SECONDS
 gbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.2f", (s > 0 ? b / s / 1e9 : 0) }'; }
@@ -80,9 +84,14 @@ for WS in $WORKING_SETS; do
   s=$(dd_seconds if=/dev/zero of="$DIR/dd" bs=8M count="$count" oflag=direct)
   printf "%-5s %-10s %-8s %8s %8s %8s\n" "$WS" "dd write" "direct" "$s" "$(gbps "$ram" "$s")" "$(gbps "$data" "$s")"
   rm -f "$DIR/dd"
+  drop_cache "$DIR/state"
+  s=$(dd_seconds if="$DIR/state" of=/dev/null bs=8M)
+  printf "%-5s %-10s %-8s %8s %8s %8s\n" "$WS" "dd read" "buffered" "$s" "$(gbps "$ram" "$s")" "$(gbps "$data" "$s")"
+  drop_cache "$DIR/state"
   s=$(dd_seconds if="$DIR/state" of=/dev/null bs=8M iflag=direct)
   printf "%-5s %-10s %-8s %8s %8s %8s\n" "$WS" "dd read" "direct" "$s" "$(gbps "$ram" "$s")" "$(gbps "$data" "$s")"
 
+  drop_cache "$DIR/state"
   "$KVMIG" vm restore "$DIR/state" --console "$DIR/console2" --control "$DIR/vm2.sock" 2>"$DIR/vm2.err" &
   VM_PID=$!
   wait_for "$DIR/vm2.err" "restored" 300

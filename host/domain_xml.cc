@@ -1,7 +1,6 @@
 #include "host/domain_xml.h"
 
 #include <libxml/parser.h>
-#include <libxml/parserInternals.h>
 #include <libxml/SAX2.h>
 #include <libxml/tree.h>
 #include <libxml/xmlerror.h>
@@ -9,6 +8,7 @@
 #include <charconv>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <unordered_map>
 
 #include "host/site_records.h"

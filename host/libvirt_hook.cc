@@ -24,17 +24,6 @@ bool one_of(std::string_view s, auto& list) {
   return false;
 }
 
-Result<void> ensure_table(SiteDb& db) {
-  // Not yet a step of the site schema (host/site_db.cc): IF NOT EXISTS keeps it idempotent.
-  return db.exec(
-      "CREATE TABLE IF NOT EXISTS libvirt_events("
-      " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-      " migration_id TEXT NOT NULL CHECK(length(migration_id) BETWEEN 1 AND 64),"
-      " vm_uuid TEXT NOT NULL CHECK(length(vm_uuid) = 36),"
-      " domain TEXT NOT NULL, op TEXT NOT NULL, subop TEXT NOT NULL, at_ms INTEGER NOT NULL);"
-      "CREATE INDEX IF NOT EXISTS libvirt_events_by_migration ON libvirt_events(migration_id);");
-}
-
 // Text that goes into a shell script between single quotes.
 std::string shell_quote(const std::string& s) {
   std::string out = "'";
@@ -58,7 +47,6 @@ Result<std::optional<HookEvent>> hook_event(const std::vector<std::string>& args
 }
 
 Result<void> record_hook_event(SiteDb& db, const HookEvent& e) {
-  KVMIG_TRY(ensure_table(db));
   Transaction tx(db);
   KVMIG_TRY(tx.begun());
   KVMIG_ASSIGN(Statement * s, db.prepare("INSERT INTO libvirt_events(migration_id, vm_uuid, domain, op, subop, at_ms) "
@@ -69,7 +57,6 @@ Result<void> record_hook_event(SiteDb& db, const HookEvent& e) {
 }
 
 Result<std::vector<HookEvent>> hook_events(SiteDb& db, std::string_view migration_id) {
-  KVMIG_TRY(ensure_table(db));
   KVMIG_ASSIGN(Statement * s, db.prepare("SELECT migration_id, vm_uuid, domain, op, subop, at_ms FROM libvirt_events "
                                          "WHERE ?1 = '' OR migration_id = ?1 ORDER BY seq"));
   s->bind(1, migration_id);

@@ -33,7 +33,7 @@ struct HookEvent {
 // kvmig records. Errors are one line.
 Result<std::optional<HookEvent>> hook_event(const std::vector<std::string>& args, std::string_view domain_xml);
 
-// The hook's table (libvirt_events) in the site database, made on first use.
+// The hook's table in the site database (libvirt_events, schema step 2 in host/site_db.cc).
 Result<void> record_hook_event(SiteDb& db, const HookEvent& event);
 // Events of one migration (every migration when empty), in the order recorded.
 Result<std::vector<HookEvent>> hook_events(SiteDb& db, std::string_view migration_id);

@@ -38,6 +38,20 @@ const std::vector<const char*> kMigrations = {
         created_ms   INTEGER NOT NULL,
         completed_ms INTEGER);
     )sql",
+    // 1 -> 2: what libvirt did with the domains kvmig moves, as the libvirt hook saw it
+    // (host/libvirt_hook.h). IF NOT EXISTS because kvmig at version 1 made this very table
+    // on the hook's first use, outside the versioning: such a site keeps its rows.
+    R"sql(
+      CREATE TABLE IF NOT EXISTS libvirt_events(
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        migration_id TEXT NOT NULL CHECK(length(migration_id) BETWEEN 1 AND 64),
+        vm_uuid      TEXT NOT NULL CHECK(length(vm_uuid) = 36),
+        domain       TEXT NOT NULL,
+        op           TEXT NOT NULL,
+        subop        TEXT NOT NULL,
+        at_ms        INTEGER NOT NULL);
+      CREATE INDEX IF NOT EXISTS libvirt_events_by_migration ON libvirt_events(migration_id);
+    )sql",
 };
 
 std::string new_uuid() {

@@ -52,7 +52,7 @@ enum class Durability { full, relaxed };
 
 class SiteDb {
  public:
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 2;
   static constexpr const char* kFileName = "site.db";
 
   // Opens DIR/site.db, creating DIR and the database when `create` (a site that does not

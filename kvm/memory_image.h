@@ -3,7 +3,9 @@
 //   "memory.layout" v1  uint32 count, uint32 zero, then count x
 //                       {uint32 slot, uint32 zero, uint64 gpa, uint64 size}
 //   "memory.run"    v1  uint64 gpa, then the pages [gpa, gpa + length - 8); the length
-//                       minus 8 is a non-zero multiple of 4096 and lies inside one region
+//                       minus 8 is a non-zero multiple of 4096 and lies inside one region;
+//                       in a format-2 file, the pages of a large run start on a 4 KiB
+//                       boundary of the file (a "pad" section before the run)
 //
 // Zero pages are not written: a restored machine's memory is freshly mapped anonymous memory
 // (or fresh hugetlbfs pages), which reads as zero. Short runs of zero pages between non-zero

@@ -10,24 +10,20 @@
 #include <cstring>
 
 namespace kvmig::kvm {
-namespace {
 
-bool valid_id(const std::string& id) {
+bool detail::valid_section_id(const std::string& id) {
   if (id.empty() || id.size() > kMaxSectionIdLength) return false;
   return std::all_of(id.begin(), id.end(), [](char c) {
     return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
   });
 }
 
-// O_DIRECT wants aligned buffers, offsets and lengths; 8 MiB blocks keep the disk busy
-// without holding much memory.
-constexpr size_t kDirectAlign = 4096;
-constexpr size_t kDirectBufferSize = 8u << 20;
-
-uint64_t file_header_checksum(const FileHeader& h) {
+uint64_t detail::file_header_checksum(const FileHeader& h) {
   return XXH3_64bits(&h, offsetof(FileHeader, checksum));
 }
 
+namespace {
+constexpr size_t kDirectAlign = kFileAlign;
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -41,7 +37,7 @@ Result<StateFileWriter> StateFileWriter::create(const std::string& path, bool sy
   int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
   int fd = ::open(w.partial_path_.c_str(), flags | O_DIRECT, 0600);
   if (fd >= 0) {
-    w.buffer_.reset(static_cast<uint8_t*>(std::aligned_alloc(kDirectAlign, kDirectBufferSize)));
+    w.buffer_.reset(static_cast<uint8_t*>(std::aligned_alloc(kDirectAlign, kStateFileBufferSize)));
     if (w.buffer_ == nullptr) {
       ::close(fd);
       return Error{"state file " + w.partial_path_ + ": out of memory for the write buffer"};
@@ -56,7 +52,7 @@ Result<StateFileWriter> StateFileWriter::create(const std::string& path, bool sy
   std::memcpy(h.magic, kStateFileMagic, sizeof(h.magic));
   h.format_version = kStateFileFormatVersion;
   h.header_size = sizeof(FileHeader);
-  h.checksum = file_header_checksum(h);
+  h.checksum = detail::file_header_checksum(h);
   iovec iov{&h, sizeof(h)};
   KVMIG_TRY(w.write_all({&iov, 1}));
   return w;
@@ -73,10 +69,23 @@ Result<void> StateFileWriter::write_section(const StateSection& section) {
 }
 
 Result<void> StateFileWriter::write_section(const std::string& id, uint32_t version,
-                                            std::span<const iovec> parts) {
+                                            std::span<const iovec> parts, uint64_t align_at) {
   if (!fd_.valid() || finished_) return Error{"state file " + path_ + ": writer already closed"};
-  if (!valid_id(id)) return Error{"state file: invalid section id '" + id + "'"};
+  if (!detail::valid_section_id(id)) return Error{"state file: invalid section id '" + id + "'"};
   if (version == 0) return Error{"state file: section '" + id + "' has version 0"};
+  if (align_at != kUnaligned) {
+    // A pad section is a frame header plus 0..4095 zero bytes, so the gap it fills is
+    // 64..4159 bytes: one of those moves byte ALIGN_AT onto the next boundary.
+    uint64_t gap = (kFileAlign - (offset_ + sizeof(FrameHeader) + align_at) % kFileAlign) %
+                   kFileAlign;
+    if (gap != 0 && gap < sizeof(FrameHeader)) gap += kFileAlign;
+    if (gap != 0) {
+      static const uint8_t zeros[kFileAlign] = {};
+      iovec pad{const_cast<uint8_t*>(zeros), gap - sizeof(FrameHeader)};
+      KVMIG_TRY(write_section(kPadSectionId, 1,
+                              pad.iov_len == 0 ? std::span<const iovec>{} : std::span{&pad, 1}));
+    }
+  }
 
   FrameHeader h{};
   h.magic = kFrameMagic;
@@ -148,13 +157,13 @@ Result<void> StateFileWriter::write_all(std::span<const iovec> parts) {
       const auto* p = static_cast<const uint8_t*>(part.iov_base);
       size_t len = part.iov_len;
       while (len > 0) {
-        size_t take = std::min(len, kDirectBufferSize - buffered_);
+        size_t take = std::min(len, kStateFileBufferSize - buffered_);
         std::memcpy(buffer_.get() + buffered_, p, take);
         buffered_ += take;
         p += take;
         len -= take;
         offset_ += take;
-        if (buffered_ == kDirectBufferSize) KVMIG_TRY(flush_buffer(false));
+        if (buffered_ == kStateFileBufferSize) KVMIG_TRY(flush_buffer(false));
       }
     }
     return ok();
@@ -196,172 +205,6 @@ Result<void> StateFileWriter::finish() {
   finished_ = true;
   fd_.reset();
   return ok();
-}
-
-// ---------------------------------------------------------------------------------------
-// Reader
-
-Result<StateFileReader> StateFileReader::open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Error::from_errno("open state file " + path);
-  // The file is read once, front to back, mostly in huge reads straight into guest memory;
-  // without this the kernel reads ahead in 128 KiB steps and a restore from disk (the save
-  // bypassed the page cache) runs several times slower than `dd`. Advice only: no error.
-  (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-  (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
-  return from_fd(Fd(fd), path);
-}
-
-Result<StateFileReader> StateFileReader::from_fd(Fd fd, std::string name) {
-  StateFileReader r;
-  r.fd_ = std::move(fd);
-  r.name_ = std::move(name);
-  r.hash_.reset(XXH3_createState());
-  if (r.hash_ == nullptr) return Error{"state file " + r.name_ + ": out of memory"};
-
-  FileHeader h{};
-  ssize_t n = ::read(r.fd_.get(), &h, sizeof(h));
-  if (n < 0) return Error::from_errno("read state file " + r.name_);
-  if (n >= 8 && std::memcmp(h.magic, kStateFileMagic, sizeof(h.magic)) != 0)
-    return r.error("not a kvmig state file (bad magic)");
-  if (static_cast<size_t>(n) < sizeof(h))
-    return r.error("truncated: file header is " + std::to_string(n) + " of " +
-                   std::to_string(sizeof(h)) + " bytes");
-  if (h.checksum != file_header_checksum(h)) return r.error("file header checksum mismatch");
-  if (h.format_version != kStateFileFormatVersion)
-    return r.error("unsupported format version " + std::to_string(h.format_version) +
-                   " (this kvmig reads version " + std::to_string(kStateFileFormatVersion) + ")");
-  if (h.header_size != sizeof(FileHeader) || h.reserved != 0)
-    return r.error("malformed file header");
-  r.offset_ = sizeof(h);
-  return r;
-}
-
-Error StateFileReader::error(const std::string& what) const {
-  return Error{"state file " + name_ + ": " + what};
-}
-
-Result<void> StateFileReader::read_exact(void* dst, uint64_t len, const char* what) {
-  auto* p = static_cast<uint8_t*>(dst);
-  uint64_t done = 0;
-  while (done < len) {
-    // read() moves at most ~2 GiB at a time; stay well under that.
-    size_t chunk = static_cast<size_t>(std::min<uint64_t>(len - done, 1ull << 30));
-    ssize_t n = ::read(fd_.get(), p + done, chunk);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Error::from_errno("read state file " + name_ + " at offset " +
-                               std::to_string(offset_ + done));
-    }
-    if (n == 0)
-      return error(std::string("truncated: ") + what + " at offset " + std::to_string(offset_) +
-                   " needs " + std::to_string(len) + " bytes, file ends after " +
-                   std::to_string(done));
-    done += n;
-  }
-  offset_ += len;
-  return ok();
-}
-
-Result<SectionInfo> StateFileReader::next() {
-  if (in_payload_)
-    return error("section '" + current_.id + "' at offset " + std::to_string(current_.offset) +
-                 " was not fully read");
-  FrameHeader h{};
-  uint64_t at = offset_;
-  ssize_t n;
-  do n = ::read(fd_.get(), &h, sizeof(h));
-  while (n < 0 && errno == EINTR);
-  if (n < 0) return Error::from_errno("read state file " + name_);
-  if (n == 0)
-    return error("truncated: ends at offset " + std::to_string(at) + " without an end section");
-  if (static_cast<size_t>(n) < sizeof(h)) {
-    // A short read of a regular file means EOF; finish the read to be sure.
-    uint64_t got = n;
-    offset_ += n;
-    auto rest = read_exact(reinterpret_cast<uint8_t*>(&h) + got, sizeof(h) - got, "section header");
-    if (!rest) return std::move(rest.error());
-  } else {
-    offset_ += n;
-  }
-
-  if (h.magic != kFrameMagic)
-    return error("corrupt: no section header at offset " + std::to_string(at) + " (bad magic)");
-  if (std::memchr(h.id, '\0', sizeof(h.id)) == nullptr)
-    return error("corrupt: section id at offset " + std::to_string(at) + " is not terminated");
-  SectionInfo info;
-  info.id = std::string(h.id);
-  info.version = h.version;
-  info.length = h.length;
-  info.offset = at;
-  if (!valid_id(info.id))
-    return error("corrupt: invalid section id at offset " + std::to_string(at));
-  if (h.version == 0 || h.reserved != 0)
-    return error("corrupt: section '" + info.id + "' at offset " + std::to_string(at) +
-                 " has a malformed header");
-
-  // For a regular file, a length beyond its end is known to be truncation before reading.
-  struct stat stbuf{};
-  if (::fstat(fd_.get(), &stbuf) == 0 && S_ISREG(stbuf.st_mode)) {
-    uint64_t left = static_cast<uint64_t>(stbuf.st_size) - offset_;
-    if (h.length > left)
-      return error("truncated: section '" + info.id + "' at offset " + std::to_string(at) +
-                   " declares " + std::to_string(h.length) + " bytes, only " +
-                   std::to_string(left) + " remain");
-  }
-
-  expected_checksum_ = h.checksum;
-  h.checksum = 0;
-  XXH3_64bits_reset(hash_.get());
-  XXH3_64bits_update(hash_.get(), &h, sizeof(h));
-  current_ = info;
-  remaining_ = info.length;
-  in_payload_ = true;
-
-  if (info.id == kEndSectionId) {
-    if (info.length != 0) return error("corrupt: end section has a payload");
-    KVMIG_TRY(finish_payload());
-    uint8_t extra;
-    ssize_t more = ::read(fd_.get(), &extra, 1);
-    if (more > 0) return error("corrupt: data after the end section at offset " +
-                               std::to_string(offset_));
-  }
-  return info;
-}
-
-Result<void> StateFileReader::read_payload(uint8_t* dst, uint64_t len) {
-  if (!in_payload_ || len > remaining_)
-    return error("section '" + current_.id + "': read of " + std::to_string(len) +
-                 " bytes past its payload");
-  KVMIG_TRY(read_exact(dst, len, ("payload of section '" + current_.id + "'").c_str()));
-  XXH3_64bits_update(hash_.get(), dst, len);
-  remaining_ -= len;
-  return ok();
-}
-
-Result<void> StateFileReader::finish_payload() {
-  if (!in_payload_ || remaining_ != 0)
-    return error("section '" + current_.id + "': payload not fully read");
-  in_payload_ = false;
-  if (XXH3_64bits_digest(hash_.get()) != expected_checksum_)
-    return error("checksum mismatch in section '" + current_.id + "' at offset " +
-                 std::to_string(current_.offset));
-  return ok();
-}
-
-Result<StateSection> StateFileReader::read_section(uint64_t cap) {
-  if (!in_payload_) return error("read_section without a current section");
-  if (current_.length > cap)
-    return error("section '" + current_.id + "' at offset " + std::to_string(current_.offset) +
-                 " is " + std::to_string(current_.length) + " bytes, more than the " +
-                 std::to_string(cap) + " allowed");
-  StateSection s;
-  s.id = current_.id;
-  s.version = current_.version;
-  s.data.resize(current_.length);
-  KVMIG_TRY(read_payload(s.data.data(), s.data.size()));
-  KVMIG_TRY(finish_payload());
-  return s;
 }
 
 // ---------------------------------------------------------------------------------------

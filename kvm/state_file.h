@@ -51,18 +51,9 @@ inline constexpr char kEndSectionId[] = "end";
 inline constexpr char kPadSectionId[] = "pad";
 inline constexpr uint64_t kFileAlign = 4096;  // O_DIRECT granule; guest pages are aligned to it
 inline constexpr uint64_t kUnaligned = ~0ull;
-
-namespace detail {
-struct FreeDeleter {
-  void operator()(uint8_t* p) const { std::free(p); }
-};
-struct RingDeleter {
-  void operator()(io_uring* ring) const {
-    io_uring_queue_exit(ring);
-    delete ring;
-  }
-};
-}  // namespace detail
+// O_DIRECT wants aligned buffers, offsets and lengths; 8 MiB blocks keep the disk busy
+// without holding much memory.
+inline constexpr size_t kStateFileBufferSize = 8u << 20;
 
 struct FileHeader {
   char magic[8];
@@ -82,6 +73,21 @@ struct FrameHeader {
   uint64_t reserved;  // zero
 };
 static_assert(sizeof(FrameHeader) == 64);
+
+namespace detail {
+bool valid_section_id(const std::string& id);
+uint64_t file_header_checksum(const FileHeader& h);
+struct FreeDeleter {
+  void operator()(uint8_t* p) const { std::free(p); }
+};
+struct RingDeleter {
+  void operator()(io_uring* ring) const {
+    io_uring_queue_exit(ring);
+    delete ring;
+  }
+};
+}  // namespace detail
+
 
 // A section header as read and checked; the payload has not been read yet.
 struct SectionInfo {

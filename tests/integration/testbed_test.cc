@@ -80,6 +80,10 @@ TEST_F(TestbedTest, UpGivesTwoHostsWithTheirOwnLibvirtdAndSiteDownLeavesNothing)
     Output own = run(env_ + "exec " + h + " readlink /proc/self/ns/net");
     EXPECT_EQ(own.out, netns[i - 1] + "\n") << "libvirtd of host " << h << " is not in its host's network namespace";
 
+    // QEMU runs as root (scripts/testbed says why): libvirt's DAC label says so.
+    Output caps = run(env_ + "exec " + h + " virsh -c qemu:///system capabilities");
+    EXPECT_NE(caps.out.find("<baselabel type='kvm'>+0:+0</baselabel>"), std::string::npos) << caps.out;
+
     auto site = kvmig::host::SiteDb::open(state_ + "/h" + h + "/var/lib/kvmig/site", false);
     EXPECT_TRUE(site.ok()) << (site.ok() ? "" : site.error().message);
   }
