@@ -12,6 +12,7 @@
 #include <string>
 #include <thread>
 
+#include "cli/command_args.h"
 #include "helper/disk_copy_sink.h"
 #include "helper/disk_copy_source.h"
 #include "helper/transport.h"
@@ -28,8 +29,7 @@ std::atomic<bool> g_handoff_now{false};
 void on_sigusr1(int) { g_handoff_now.store(true); }
 
 [[noreturn]] void fail(const char* command, const std::string& message) {
-  std::fprintf(stderr, "kvmig: disk %s: %s\n", command, message.c_str());
-  throw CLI::RuntimeError(kFailed);
+  kvmig::cli::command_fail((std::string("disk ") + command).c_str(), kFailed, message);
 }
 
 struct Target {

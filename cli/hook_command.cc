@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/command_args.h"
 #include "host/libvirt_hook.h"
 
 namespace {
@@ -24,8 +25,7 @@ constexpr int kUsage = 125;
 constexpr size_t kMaxXml = 16 << 20;  // libvirt's own cap on a domain XML is far below this
 
 [[noreturn]] void fail(int status, const std::string& message) {
-  std::fprintf(stderr, "kvmig: hook: %s\n", message.c_str());
-  throw CLI::RuntimeError(status);
+  kvmig::cli::command_fail("hook", status, message);
 }
 
 std::string read_stdin() {

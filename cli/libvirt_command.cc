@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "cli/command_args.h"
 #include "host/libvirt_migration.h"
 #include "host/site_db.h"
 
@@ -29,8 +30,7 @@ struct DomainOptions {
 };
 
 [[noreturn]] void fail(int status, const std::string& message) {
-  std::fprintf(stderr, "kvmig: migrate-domain: %s\n", message.c_str());
-  throw CLI::RuntimeError(status);
+  kvmig::cli::command_fail("migrate-domain", status, message);
 }
 
 void run_migrate_domain(DomainOptions opt) {

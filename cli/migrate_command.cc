@@ -4,6 +4,9 @@
 // report, and on success tells the source VM to end. Exit status: 0 completed, 1 failed (the
 // VM runs on at the source), 3 in doubt (paused at the source until the status checker
 // decides), 125 bad input or no answer from the VM.
+// `--migration ID` names the migration in both sites' records (several calls may share one id:
+// a group); without it an id is made here. The report names it ("migration_id"), since it is
+// what `kvmig status --migration` and `kvmig recover --migration` ask for.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -18,6 +21,8 @@
 
 #include "helper/migration_report.h"
 #include "host/control_server.h"
+#include "host/migrate_command.h"
+#include "host/site_records.h"
 #include "kvm/guest_memory.h"
 
 namespace {
@@ -40,6 +45,7 @@ struct MigrateOptions {
   double timeout_s = 60;
   bool json = false;
   bool no_progress = false;
+  std::string migration;
 };
 
 [[noreturn]] void fail(int status, const std::string& message) {
@@ -84,7 +90,10 @@ int run_migrate(const MigrateOptions& opt) {
   if (!granularity.ok()) fail(kUsage, "--trace-granularity: " + granularity.error().message);
   if (opt.tracking != "bitmap" && opt.tracking != "ring")
     fail(kUsage, "--dirty-tracking must be bitmap or ring, not '" + opt.tracking + "'");
+  std::string migration_id = opt.migration.empty() ? kvmig::host::new_migration_id() : opt.migration;
+  if (auto r = kvmig::host::check_migration_id(migration_id); !r.ok()) fail(kUsage, "--migration: " + r.error().message);
   nlohmann::json request{{"cmd", "migrate"},
+                         {"migration_id", migration_id},
                          {"to", opt.to},
                          {"streams", opt.streams},
                          {"compress", opt.compress},
@@ -99,14 +108,19 @@ int run_migrate(const MigrateOptions& opt) {
     if (!opt.no_progress && ::isatty(STDERR_FILENO)) bar = std::make_unique<ProgressBar>(opt.control);
     reply = kvmig::host::control_request(opt.control, request);
   }
-  if (!reply.ok()) fail(kUsage, reply.error().message);
-  if (!reply->value("ok", false)) fail(kUsage, reply->value("error", std::string("no reason given")));
+  // Without a reply the outcome is unknown here; the id lets `kvmig status` find it out.
+  if (!reply.ok()) fail(kUsage, "migration " + migration_id + ": " + reply.error().message);
+  if (!reply->value("ok", false))
+    fail(kUsage, "migration " + migration_id + ": " + reply->value("error", std::string("no reason given")));
   nlohmann::json report = *reply;
   report.erase("ok");
   std::string result = report.value("result", std::string("failed"));
   if (opt.json) std::printf("%s\n", report.dump().c_str());
   auto summary = kvmig::helper::report_summary(kvmig::helper::MigrationReport::from_json(report));
-  if (!opt.json) std::fprintf(stderr, "kvmig: migrate: %s\n", summary.c_str());
+  if (!opt.json)
+    std::fprintf(stderr, "kvmig: migrate: migration %s of %s: %s\n",
+                 report.value("migration_id", migration_id).c_str(),
+                 report.value("vm_uuid", std::string("?")).c_str(), summary.c_str());
   if (result == "completed") {
     // The destination runs the VM now: end the source's copy. Its process may close the
     // socket before replying; that is fine, the migration itself was confirmed by DONE.
@@ -133,6 +147,7 @@ void add_migrate_command(CLI::App& app) {
   cmd->add_option("--trace-granularity", opt->granularity, "Dirty trace unit, 4K..2M (default 4K)");
   cmd->add_option("--max-downtime", opt->max_downtime_ms, "Downtime budget in ms (default 5)");
   cmd->add_option("--timeout", opt->timeout_s, "Give up pre-copy after this many seconds (default 60; 0 = never)");
+  cmd->add_option("--migration", opt->migration, "Migration id for the site records (default: a new mig-<hex>); share it to group VMs");
   cmd->add_flag("--json", opt->json, "Print the report as JSON on stdout");
   cmd->add_flag("--no-progress", opt->no_progress, "No progress bar, even on a terminal");
   cmd->callback([opt] {

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/command_args.h"
 #include "host/recovery.h"
 #include "host/site_db.h"
 
@@ -28,8 +29,7 @@ struct RecoverOptions {
 };
 
 [[noreturn]] void fail(int status, const std::string& message) {
-  std::fprintf(stderr, "kvmig: recover: %s\n", message.c_str());
-  throw CLI::RuntimeError(status);
+  kvmig::cli::command_fail("recover", status, message);
 }
 
 std::unique_ptr<kvmig::host::SiteDb> open_site(const std::string& dir, const char* option) {
@@ -40,12 +40,7 @@ std::unique_ptr<kvmig::host::SiteDb> open_site(const std::string& dir, const cha
 
 int run_recover(RecoverOptions opt) {
   using namespace kvmig::host;
-  if (auto r = check_migration_id(opt.migration); !r.ok()) fail(kUsage, "--migration: " + r.error().message);
-  for (std::string& vm : opt.vms) {
-    auto u = canonical_uuid(vm);
-    if (!u.ok()) fail(kUsage, "--vm: " + u.error().message);
-    vm = *u;
-  }
+  kvmig::cli::check_vm_selection("recover", kUsage, opt.migration, true, opt.vms);
   // Both sites must be readable: recovery acting on half the picture is how a VM ends up
   // running twice.
   auto dest_db = open_site(opt.site, "--site");

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/command_args.h"
 #include "host/libvirt_placeholder.h"
 #include "host/placeholder_union.h"
 #include "host/recovery.h"
@@ -31,20 +32,12 @@ struct StatusOptions {
 };
 
 [[noreturn]] void fail(int status, const std::string& message) {
-  std::fprintf(stderr, "kvmig: status: %s\n", message.c_str());
-  throw CLI::RuntimeError(status);
+  kvmig::cli::command_fail("status", status, message);
 }
 
 int run_status(StatusOptions opt) {
   using namespace kvmig::host;
-  if (!opt.migration.empty()) {
-    if (auto r = check_migration_id(opt.migration); !r.ok()) fail(kUsage, "--migration: " + r.error().message);
-  }
-  for (std::string& vm : opt.vms) {
-    auto u = canonical_uuid(vm);
-    if (!u.ok()) fail(kUsage, "--vm: " + u.error().message);
-    vm = *u;
-  }
+  kvmig::cli::check_vm_selection("status", kUsage, opt.migration, false, opt.vms);
   if (!opt.vms.empty() && opt.migration.empty()) fail(kUsage, "--vm needs --migration");
 
   std::vector<VmStatus> statuses;

@@ -1,12 +1,15 @@
 // `kvmig vm run`: boots a kernel in kvmig's micro-VMM and runs it until the guest leaves
 // through the exit port; kvmig's exit status is the guest's. kvmig's own failures (bad
 // input, KVM errors, a triple fault) print one line and exit with kVmError.
+// With --site DIR the VM is registered in that site's registry (UUID, name, control socket)
+// for `kvmig status`/`recover`, and a migration away records source_released there.
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -14,7 +17,9 @@
 #include "host/control_server.h"
 #include "cli/vm_state_command.h"
 #include "host/machine_control.h"
+#include "host/micro_vm_site.h"
 #include "host/migrate_command.h"
+#include "host/site_records.h"
 #include "kvm/guest_memory.h"
 #include "kvm/machine.h"
 
@@ -36,6 +41,9 @@ struct VmRunOptions {
   bool no_control = false;
   uint32_t dirty_ring = 0;
   bool verbose = false;
+  std::string site;
+  std::string uuid;
+  std::string name;
 };
 
 [[noreturn]] void fail(const std::string& message) {
@@ -96,6 +104,30 @@ int run_vm(const VmRunOptions& opt, std::chrono::steady_clock::time_point start)
   block_stop_signals();
   auto memory = kvmig::kvm::parse_size(opt.memory);
   if (!memory.ok()) fail("--memory: " + memory.error().message);
+  // Identity and site first: bad input must fail before a VM is built.
+  std::string uuid = opt.uuid;
+  if (!uuid.empty()) {
+    auto u = kvmig::host::canonical_uuid(uuid);
+    if (!u.ok()) fail("--uuid: " + u.error().message);
+    uuid = *u;
+  }
+  if (!opt.name.empty() && opt.site.empty()) fail("--name needs --site (the name lives in the site's registry)");
+  if (opt.name.size() > 255) fail("--name: at most 255 characters");
+  std::unique_ptr<kvmig::host::MicroVmSite> site;
+  kvmig::host::MigrateIdentity identity;
+  if (!opt.site.empty()) {
+    if (opt.no_control) fail("--site needs a control socket: recovery stops and resumes the VM through it");
+    auto s = kvmig::host::MicroVmSite::open(opt.site);
+    if (!s.ok()) fail("--site: " + s.error().message);
+    site = std::move(*s);
+    identity.events = site.get();
+    if (uuid.empty()) uuid = kvmig::host::random_uuid();
+  }
+  if (!uuid.empty()) {
+    auto bytes = kvmig::host::uuid_bytes(uuid);
+    if (!bytes.ok()) fail("--uuid: " + bytes.error().message);
+    identity.vm_uuid = *bytes;
+  }
   MachineConfig config;
   config.memory = *memory;
   config.vcpus = opt.vcpus;
@@ -113,22 +145,40 @@ int run_vm(const VmRunOptions& opt, std::chrono::steady_clock::time_point start)
   kvmig::host::ControlServer control;
   kvmig::host::register_machine_commands(control, vm);
   kvmig::cli::register_state_commands(control, vm);
-  kvmig::host::register_migrate_commands(control, vm);
+  kvmig::host::register_migrate_commands(control, vm, identity);
   if (!opt.no_control) {
     std::string path = opt.control.empty() ? kvmig::host::ControlServer::default_path() : opt.control;
     if (auto r = control.start(path); !r.ok()) {
-      // The default location may be unwritable for an unprivileged user; the VM still runs.
+      // The default location may be unwritable for an unprivileged user; the VM still runs,
+      // unless a site must be able to reach it.
       if (!opt.control.empty()) fail("--control: " + r.error().message);
+      if (site) fail("--site: no control socket: " + r.error().message);
       std::fprintf(stderr, "kvmig: warning: no control socket: %s\n", r.error().message.c_str());
     } else if (opt.verbose) {
       std::fprintf(stderr, "kvmig: vm: control socket %s\n", path.c_str());
     }
   }
+  if (site) {
+    // Absolute: `kvmig status`/`recover` run from anywhere.
+    std::error_code ec;
+    std::string socket = std::filesystem::absolute(control.path(), ec).string();
+    if (ec) socket = control.path();
+    if (auto r = site->register_running(uuid, opt.name, socket); !r.ok()) {
+      control.stop();
+      fail("--site: " + r.error().message);
+    }
+    std::fprintf(stderr, "kvmig: vm: %s registered at site %s\n", uuid.c_str(), opt.site.c_str());
+  }
 
   StopOnSignal stop_on_signal(vm);
-  if (auto r = vm.start(); !r.ok()) fail(r.error().message);
+  if (auto r = vm.start(); !r.ok()) {
+    control.stop();
+    if (site) site->leave();
+    fail(r.error().message);
+  }
   auto status = vm.wait();
   control.stop();
+  if (site) site->leave();
   if (opt.verbose) print_stats(vm);
   if (!status.ok()) fail(status.error().message);
   return *status;
@@ -151,6 +201,9 @@ void add_vm_command(CLI::App& app) {
   run->add_option("--control", opt->control, "Control socket path (default /run/kvmig/vm-<pid>.sock)");
   run->add_flag("--no-control", opt->no_control, "Do not open a control socket");
   run->add_option("--dirty-ring", opt->dirty_ring, "Dirty ring entries per vCPU (power of two; 0 = bitmap)");
+  run->add_option("--site", opt->site, "Register the VM in this site (made by `kvmig site init`) for status/recover");
+  run->add_option("--uuid", opt->uuid, "The VM's UUID (default: a new one with --site); carried to the destination");
+  run->add_option("--name", opt->name, "The VM's name in the site registry (needs --site; default its UUID)");
   run->add_flag("-v,--verbose", opt->verbose, "Print boot timing and exit counters on stderr");
   run->callback([opt] {
     auto start = std::chrono::steady_clock::now();

@@ -5,31 +5,12 @@
 #endif
 #include <xxhash.h>
 
-#include <cstring>
-
 #include "helper/messages.h"
 
 namespace kvmig::helper {
 namespace {
 
 constexpr uint64_t kMaxSmallPayload = 64 << 10;
-
-void store_le(uint8_t* p, uint64_t v, int n) {
-  for (int i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-
-uint64_t load_le(const uint8_t* p, int n) {
-  uint64_t v = 0;
-  for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
-
-uint32_t header_check_of(const uint8_t bytes[kHeaderSize]) {
-  uint8_t copy[kHeaderSize];
-  std::memcpy(copy, bytes, kHeaderSize);
-  std::memset(copy + 12, 0, 4);
-  return XXH32(copy, kHeaderSize, 0);
-}
 
 bool power_of_two(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
@@ -161,48 +142,30 @@ Result<DiskDone> decode_disk_done(std::span<const uint8_t> payload) {
 }
 
 void encode_disk_header(const DiskHeader& h, uint8_t out[kHeaderSize]) {
-  store_le(out + 0, kDiskMagic, 4);
-  store_le(out + 4, kDiskVersion, 2);
-  store_le(out + 6, static_cast<uint16_t>(h.type), 2);
-  store_le(out + 8, 0, 4);
-  store_le(out + 12, 0, 4);
-  store_le(out + 16, h.length, 8);
-  store_le(out + 24, h.checksum, 8);
-  store_le(out + 12, header_check_of(out), 4);
+  encode_frame({kDiskMagic, kDiskVersion, static_cast<uint16_t>(h.type), 0, 0, h.length,
+                h.checksum},
+               out);
 }
 
 Result<DiskHeader> decode_disk_header(const uint8_t in[kHeaderSize]) {
-  if (load_le(in, 4) != kDiskMagic)
-    return wire_error(WireCode::bad_magic, "disk stream: bad magic (not a kvmig disk peer?)");
-  if (header_check_of(in) != load_le(in + 12, 4))
-    return wire_error(WireCode::bad_checksum, "disk stream: header check mismatch");
-  uint16_t version = static_cast<uint16_t>(load_le(in + 4, 2));
-  if (version != kDiskVersion)
-    return wire_error(WireCode::bad_version, "disk stream: version " + std::to_string(version) +
+  KVMIG_ASSIGN(Frame f, decode_frame(in, kDiskMagic, "disk"));
+  if (f.version != kDiskVersion)
+    return wire_error(WireCode::bad_version, "disk stream: version " + std::to_string(f.version) +
                                                  ", this kvmig speaks " +
                                                  std::to_string(kDiskVersion));
-  uint16_t type = static_cast<uint16_t>(load_le(in + 6, 2));
-  if (type == 0 || type > kMaxDiskMsg)
-    return wire_error(WireCode::bad_type, "disk stream: message type " + std::to_string(type));
-  if (load_le(in + 8, 4) != 0) return wire_error(WireCode::bad_flags, "disk stream: flags set");
-  DiskHeader h;
-  h.type = static_cast<DiskMsg>(type);
-  h.length = load_le(in + 16, 8);
-  h.checksum = load_le(in + 24, 8);
+  if (f.type == 0 || f.type > kMaxDiskMsg)
+    return wire_error(WireCode::bad_type, "disk stream: message type " + std::to_string(f.type));
+  if (f.flags != 0) return wire_error(WireCode::bad_flags, "disk stream: flags set");
+  DiskHeader h{static_cast<DiskMsg>(f.type), f.length, f.checksum};
   uint64_t cap = h.type == DiskMsg::extent ? 16 + kMaxExtentBytes : kMaxSmallPayload;
-  if (h.length > cap)
-    return wire_error(WireCode::oversize, std::string(disk_msg_name(h.type)) + " length " +
-                                              std::to_string(h.length) + " > cap " +
-                                              std::to_string(cap));
+  KVMIG_TRY(check_frame_length(disk_msg_name(h.type), h.length, cap));
   return h;
 }
 
 Result<void> send_disk(Stream& stream, DiskMsg type, std::span<const uint8_t> payload) {
-  DiskHeader h{type, payload.size(), XXH3_64bits(payload.data(), payload.size())};
   uint8_t head[kHeaderSize];
-  encode_disk_header(h, head);
-  iovec iov[2] = {{head, kHeaderSize}, {const_cast<uint8_t*>(payload.data()), payload.size()}};
-  return stream.write_all({iov, payload.empty() ? 1u : 2u});
+  encode_disk_header({type, payload.size(), payload_checksum(payload)}, head);
+  return send_frame(stream, head, payload);
 }
 
 Result<void> send_extent(Stream& stream, uint64_t offset, std::span<const uint8_t> data) {
@@ -234,11 +197,8 @@ Result<DiskMessage> read_disk(Stream& stream) {
   DiskMessage m;
   KVMIG_ASSIGN(m.header, decode_disk_header(head));
   if (m.type() == DiskMsg::extent) return m;
-  m.payload.resize(m.header.length);
-  KVMIG_TRY(stream.read(m.payload.data(), m.payload.size()));
-  if (XXH3_64bits(m.payload.data(), m.payload.size()) != m.header.checksum)
-    return wire_error(WireCode::bad_checksum,
-                      std::string(disk_msg_name(m.type())) + " payload checksum mismatch");
+  KVMIG_ASSIGN(m.payload, read_frame_payload(stream, m.header.length, m.header.checksum,
+                                             disk_msg_name(m.type())));
   return m;
 }
 

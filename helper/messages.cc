@@ -229,12 +229,9 @@ Result<void> decode_empty(std::span<const uint8_t> payload, MsgType type) {
 
 Result<void> send_message(Stream& stream, uint16_t version, MsgType type,
                           std::span<const uint8_t> payload) {
-  WireHeader h = make_header(type, version, payload, payload.size());
   uint8_t head[kHeaderSize];
-  encode_header(h, head);
-  iovec iov[2] = {{head, kHeaderSize},
-                  {const_cast<uint8_t*>(payload.data()), payload.size()}};
-  return stream.write_all({iov, payload.empty() ? 1u : 2u});
+  encode_header(make_header(type, version, payload, payload.size()), head);
+  return send_frame(stream, head, payload);
 }
 
 Result<Message> read_message(Stream& stream, uint16_t version, const WireLimits& limits) {
@@ -243,12 +240,8 @@ Result<Message> read_message(Stream& stream, uint16_t version, const WireLimits&
   Message m;
   KVMIG_ASSIGN(m.header, decode_header(head, version, limits));
   if (m.header.type == MsgType::mem_pages) return m;
-  m.payload.resize(m.header.length);
-  KVMIG_TRY(stream.read(m.payload.data(), m.payload.size()));
-  uint64_t sum = payload_checksum(m.payload);
-  if (sum != m.header.checksum)
-    return wire_error(WireCode::bad_checksum,
-                      std::string(msg_type_name(m.header.type)) + " payload checksum mismatch");
+  KVMIG_ASSIGN(m.payload, read_frame_payload(stream, m.header.length, m.header.checksum,
+                                             msg_type_name(m.header.type)));
   return m;
 }
 

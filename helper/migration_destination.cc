@@ -130,6 +130,7 @@ void Receiver::page_loop() {
   RoundReceiver rr(conn_, version_, hello_.memory,
                    [&vm](uint64_t gpa, uint64_t len) { return vm.memory().host_ptr(gpa, len); },
                    opt_.limits);
+  rr.set_anonymous_target(true);  // kvm::GuestMemory maps guest RAM MAP_PRIVATE | MAP_ANONYMOUS
   for (uint32_t round = 1;; ++round) {
     auto st = rr.receive(round);
     std::lock_guard lock(mu_);

@@ -87,6 +87,7 @@ class Session {
   bool paused_by_us_ = false;
   bool commit_sent_ = false;
   Clock::time_point start_ = Clock::now(), precopy_start_, pause_at_;
+  std::vector<std::pair<const char*, Clock::time_point>> trace_;  // switch-over steps
 };
 
 Result<Message> Session::read_control() {
@@ -136,13 +137,14 @@ Result<void> Session::setup() {
     return wire_error(WireCode::config_mismatch, "destination cannot --verify");
   report_.compress = features_ & kFeatureCompression;
 
-  // Probing the vCPUs' state (MSR lists) takes each vCPU's lock, which a vCPU in KVM_RUN
-  // holds until its next exit: a guest that rarely exits would stall it for seconds. A
-  // brief pause makes it a matter of milliseconds.
+  // The first snapshot in a process probes the MSR list on vCPU 0, which takes the vCPU's
+  // lock, held by a vCPU in KVM_RUN until its next exit (seconds for a guest that rarely
+  // exits): pause for that one probe only. Once probed, no vCPU is touched here.
   {
-    if (!user_paused_) KVMIG_TRY(vm_.pause());
+    const bool pause = !user_paused_ && !kvm::MachineSnapshot::probed(vm_);
+    if (pause) KVMIG_TRY(vm_.pause());
     auto snap = kvm::MachineSnapshot::of(vm_);
-    if (!user_paused_) KVMIG_TRY(vm_.resume());
+    if (pause) KVMIG_TRY(vm_.resume());
     if (!snap.ok()) return std::move(snap.error());
     snapshot_.emplace(std::move(*snap));
   }
@@ -286,12 +288,16 @@ Result<void> Session::switchover() {
   }
   // The last harvest, while paused: together with what pre-copy sent and the deferred hot
   // pages, this is all of guest memory as it now stands.
+  trace_.push_back({"pause", Clock::now()});
   uint64_t pages = 0;
   KVMIG_ASSIGN(std::vector<kvm::DirtyBitmap> send, harvest_counted(pages));
+  trace_.push_back({"harvest", Clock::now()});
   for (size_t i = 0; i < send.size(); ++i)
     for (size_t w = 0; w < send[i].bits.size(); ++w) send[i].bits[w] |= deferred_[i].bits[w];
   KVMIG_TRY(tracker_->stop_tracking());
+  trace_.push_back({"stop_tracking", Clock::now()});
   KVMIG_ASSIGN(RoundStats st, send_round({}, send, false));
+  trace_.push_back({"final_pages", Clock::now()});
   report_.final_pages = st.pages;
   RoundRecord rec;
   rec.round = round_;
@@ -304,6 +310,7 @@ Result<void> Session::switchover() {
 
   auto state_begin = Clock::now();
   KVMIG_ASSIGN(std::vector<kvm::StateSection> sections, snapshot_->save_parts());
+  trace_.push_back({"state_save", Clock::now()});
   for (const auto& s : sections) {
     std::vector<uint8_t> payload = encode(s);
     report_.state_bytes += payload.size() + kHeaderSize;
@@ -316,7 +323,9 @@ Result<void> Session::switchover() {
     report_.verified = true;
   }
   report_.state_ms = ms_between(state_begin, Clock::now());
+  trace_.push_back({"state_send", Clock::now()});
   KVMIG_ASSIGN(Message ready, read_control());
+  trace_.push_back({"ready", Clock::now()});
   if (ready.type() != MsgType::ready)
     return wire_error(WireCode::unexpected, std::string("expected READY, got ") + msg_type_name(ready.type()));
   KVMIG_TRY(decode_empty(ready.payload, MsgType::ready));
@@ -339,6 +348,18 @@ Result<void> Session::commit() {
   // latency of DONE (tens of microseconds on one host); the same method between hosts. The
   // destination logs its resume time (CLOCK_MONOTONIC) for an exact figure on one host.
   report_.downtime_ms = ms_between(pause_at_, now);
+  trace_.push_back({"done", now});
+  if (getenv("KVMIG_TRACE_SWITCHOVER")) {
+    std::string line = "switchover:";
+    Clock::time_point prev = pause_at_;
+    for (const auto& [what, t] : trace_) {
+      char buf[64];
+      snprintf(buf, sizeof buf, " %s=%.3f", what, ms_between(prev, t));
+      line += buf;
+      prev = t;
+    }
+    fprintf(stderr, "%s final_pages=%llu\n", line.c_str(), static_cast<unsigned long long>(report_.final_pages));
+  }
   if (opt_.events) {
     // The VM runs at the destination now; this copy stays paused for good either way.
     auto r = opt_.events->on_released(vm_id_);

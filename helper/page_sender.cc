@@ -60,7 +60,7 @@ PageSender::PageSender(Connection& connection, uint16_t version, GpaResolver sou
       compressors_.push_back(std::make_unique<PageCompressor>());
 }
 
-Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracked* tracker,
+Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracker* tracker,
                                      std::span<const kvm::DirtyBitmap> rearm,
                                      std::span<const kvm::DirtyBitmap> send, bool fresh,
                                      RoundStats& mine) {
@@ -90,11 +90,13 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracked
       if (chunk % nstreams != s) continue;
       const uint64_t end = std::min(first + kChunkPages, sb.pages);
       if (rb && tracker) {
-        Result<void> r = ok();
-        for_each_run(rb->bits.data(), first, end, [&](uint64_t p, uint64_t n) {
-          if (r.ok()) r = tracker->rearm(rb->gpa + p * kPageSize, n * kPageSize);
-        });
-        KVMIG_TRY(r);
+        // One KVM_CLEAR_DIRTY_LOG with the harvested bits of the chunk, however scattered:
+        // exactly the pages harvested dirty, never one written since (that write would be
+        // cleared without being sent).
+        std::span<const uint64_t> words(rb->bits.data() + first / 64, (end - first + 63) / 64);
+        bool any = false;
+        for (uint64_t w : words) any |= w != 0;
+        if (any) KVMIG_TRY(tracker->rearm_bits(rb->gpa + first * kPageSize, end - first, words));
       }
       Result<void> r = ok();
       auto add = [&](uint64_t p, uint64_t n) {
@@ -153,7 +155,7 @@ bool PageSender::wait_drained(std::chrono::milliseconds limit) const {
   }
 }
 
-Result<RoundStats> PageSender::send_round(uint32_t round, kvm::DirtyTracked* tracker,
+Result<RoundStats> PageSender::send_round(uint32_t round, kvm::DirtyTracker* tracker,
                                           std::span<const kvm::DirtyBitmap> rearm,
                                           std::span<const kvm::DirtyBitmap> send,
                                           bool fresh_destination) {

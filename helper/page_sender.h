@@ -2,8 +2,8 @@
 //
 // Guest memory is cut in 2 MiB chunks and each chunk is pinned to one data stream by its
 // address (chunk index mod streams), so every copy of a page travels the same stream, in
-// order. Per chunk: first rearm the runs harvested dirty in it (write-protect them again),
-// THEN read and send its pages: a write after the read shows up in the next harvest, a
+// order. Per chunk: first rearm the pages harvested dirty in it (write-protect them again,
+// one KVM_CLEAR_DIRTY_LOG with the chunk's harvested bitmap), THEN read and send its pages: a write after the read shows up in the next harvest, a
 // write before it is in what was read. Only the harvested runs are rearmed, never a whole
 // chunk, since rearming a page that was clean at harvest time but written since would clear
 // that write without sending it. A round ends with ROUND_END on every stream, which the
@@ -23,6 +23,7 @@
 #include "helper/transport.h"
 #include "helper/transport_pages.h"
 #include "helper/wire_pages.h"
+#include "kvm/dirty_tracker.h"
 #include "kvm/migratable.h"
 
 namespace kvmig::helper {
@@ -47,7 +48,7 @@ class PageSender {
   // zero), zero pages are not sent at all, not even as markers: a marker would make the
   // destination write zeros over zeros, faulting in memory it never needs (seconds per
   // GiB on some hosts). They still count in the stats' zero_pages.
-  Result<RoundStats> send_round(uint32_t round, kvm::DirtyTracked* tracker,
+  Result<RoundStats> send_round(uint32_t round, kvm::DirtyTracker* tracker,
                                 std::span<const kvm::DirtyBitmap> rearm,
                                 std::span<const kvm::DirtyBitmap> send,
                                 bool fresh_destination = false);
@@ -61,7 +62,7 @@ class PageSender {
   uint64_t skipped_zero_pages() const { return skipped_.load(); }
 
  private:
-  Result<void> send_stream(size_t s, uint32_t round, kvm::DirtyTracked* tracker,
+  Result<void> send_stream(size_t s, uint32_t round, kvm::DirtyTracker* tracker,
                            std::span<const kvm::DirtyBitmap> rearm,
                            std::span<const kvm::DirtyBitmap> send, bool fresh, RoundStats& mine);
 

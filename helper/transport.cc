@@ -28,44 +28,40 @@ size_t advance(std::vector<iovec>& v, size_t first, size_t done) {
   return first;
 }
 
-}  // namespace
-
-Result<void> FdStream::write_all(std::span<const iovec> iov) {
+// Moves every byte of `iov` with `call` (a sendmsg or a recvmsg), resuming after short
+// transfers and EINTR. `what` names the call in errors; a 0 return means the peer closed.
+template <typename Call>
+Result<void> transfer_all(std::span<const iovec> iov, const std::string& name, const char* what,
+                          Call call) {
   std::vector<iovec> v(iov.begin(), iov.end());
   size_t first = advance(v, 0, 0);
   while (first < v.size()) {
     msghdr msg{};
     msg.msg_iov = v.data() + first;
     msg.msg_iovlen = std::min<size_t>(v.size() - first, IOV_MAX);
-    // sendmsg rather than writev: MSG_NOSIGNAL turns a vanished peer into EPIPE, not SIGPIPE.
-    ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL);
+    ssize_t n = call(&msg);
     if (n < 0) {
       if (errno == EINTR) continue;
-      Error e = Error::from_errno(name_ + ": send");
+      Error e = Error::from_errno(name + ": " + what);
       return wire_error(WireCode::io, e.message);
     }
+    if (n == 0) return wire_error(WireCode::truncated, name + ": peer closed the stream");
     first = advance(v, first, static_cast<size_t>(n));
   }
   return ok();
 }
 
+}  // namespace
+
+Result<void> FdStream::write_all(std::span<const iovec> iov) {
+  // sendmsg rather than writev: MSG_NOSIGNAL turns a vanished peer into EPIPE, not SIGPIPE.
+  return transfer_all(iov, name_, "send",
+                      [this](msghdr* msg) { return ::sendmsg(fd_.get(), msg, MSG_NOSIGNAL); });
+}
+
 Result<void> FdStream::read_all(std::span<const iovec> iov) {
-  std::vector<iovec> v(iov.begin(), iov.end());
-  size_t first = advance(v, 0, 0);
-  while (first < v.size()) {
-    msghdr msg{};
-    msg.msg_iov = v.data() + first;
-    msg.msg_iovlen = std::min<size_t>(v.size() - first, IOV_MAX);
-    ssize_t n = ::recvmsg(fd_.get(), &msg, MSG_WAITALL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      Error e = Error::from_errno(name_ + ": recv");
-      return wire_error(WireCode::io, e.message);
-    }
-    if (n == 0) return wire_error(WireCode::truncated, name_ + ": peer closed the stream");
-    first = advance(v, first, static_cast<size_t>(n));
-  }
-  return ok();
+  return transfer_all(iov, name_, "recv",
+                      [this](msghdr* msg) { return ::recvmsg(fd_.get(), msg, MSG_WAITALL); });
 }
 
 void FdStream::shutdown() {

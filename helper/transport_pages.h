@@ -47,6 +47,10 @@ class RoundReceiver {
   // Returns when every data stream has delivered ROUND_END{round}. A batch or ROUND_END of
   // another round, or any other message on a data stream, is [unexpected].
   Result<RoundStats> receive(uint32_t round);
+  // See PageBatchReceiver::set_anonymous_target: guest RAM here is private anonymous.
+  void set_anonymous_target(bool on) {
+    for (auto& r : receivers_) r->set_anonymous_target(on);
+  }
 
  private:
   Connection& connection_;

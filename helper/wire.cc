@@ -87,42 +87,87 @@ WireCode wire_code_of(const Error& error) {
   return WireCode::none;
 }
 
-void encode_header(const WireHeader& h, uint8_t out[kHeaderSize]) {
-  store_le(out + 0, h.magic, 4);
-  store_le(out + 4, h.version, 2);
-  store_le(out + 6, static_cast<uint16_t>(h.type), 2);
-  store_le(out + 8, h.flags, 4);
+void encode_frame(const Frame& f, uint8_t out[kHeaderSize]) {
+  store_le(out + 0, f.magic, 4);
+  store_le(out + 4, f.version, 2);
+  store_le(out + 6, f.type, 2);
+  store_le(out + 8, f.flags, 4);
   store_le(out + 12, 0, 4);
-  store_le(out + 16, h.length, 8);
-  store_le(out + 24, h.checksum, 8);
+  store_le(out + 16, f.length, 8);
+  store_le(out + 24, f.checksum, 8);
   store_le(out + 12, header_check_of(out), 4);
+}
+
+Result<Frame> decode_frame(const uint8_t in[kHeaderSize], uint32_t magic, const char* family) {
+  Frame f;
+  f.magic = static_cast<uint32_t>(load_le(in + 0, 4));
+  f.version = static_cast<uint16_t>(load_le(in + 4, 2));
+  f.type = static_cast<uint16_t>(load_le(in + 6, 2));
+  f.flags = static_cast<uint32_t>(load_le(in + 8, 4));
+  f.header_check = static_cast<uint32_t>(load_le(in + 12, 4));
+  f.length = load_le(in + 16, 8);
+  f.checksum = load_le(in + 24, 8);
+  if (f.magic != magic)
+    return wire_error(WireCode::bad_magic, std::string(family) + " stream: header magic " +
+                                               hex(f.magic) + ", want " + hex(magic) +
+                                               " (not a kvmig " + family + " peer?)");
+  if (header_check_of(in) != f.header_check)
+    return wire_error(WireCode::bad_checksum, std::string(family) +
+                                                  " stream: header check mismatch (corrupt or "
+                                                  "desynced stream)");
+  return f;
+}
+
+Result<void> check_frame_length(const char* type_name, uint64_t length, uint64_t cap) {
+  if (length > cap)
+    return wire_error(WireCode::oversize, std::string(type_name) + " length " +
+                                              std::to_string(length) + " > cap " +
+                                              std::to_string(cap));
+  return ok();
+}
+
+Result<void> send_frame(Stream& stream, const uint8_t head[kHeaderSize],
+                        std::span<const uint8_t> payload) {
+  iovec iov[2] = {{const_cast<uint8_t*>(head), kHeaderSize},
+                  {const_cast<uint8_t*>(payload.data()), payload.size()}};
+  return stream.write_all({iov, payload.empty() ? 1u : 2u});
+}
+
+Result<std::vector<uint8_t>> read_frame_payload(Stream& stream, uint64_t length,
+                                                uint64_t checksum, const char* type_name) {
+  std::vector<uint8_t> payload(length);
+  KVMIG_TRY(stream.read(payload.data(), payload.size()));
+  if (payload_checksum(payload) != checksum)
+    return wire_error(WireCode::bad_checksum,
+                      std::string(type_name) + " payload checksum mismatch");
+  return payload;
+}
+
+void encode_header(const WireHeader& h, uint8_t out[kHeaderSize]) {
+  encode_frame({h.magic, h.version, static_cast<uint16_t>(h.type), h.flags, 0, h.length,
+                h.checksum},
+               out);
 }
 
 Result<WireHeader> decode_header(const uint8_t in[kHeaderSize], uint16_t expected_version,
                                  const WireLimits& limits) {
+  KVMIG_ASSIGN(Frame f, decode_frame(in, kWireMagic, "migration"));
   WireHeader h;
-  h.magic = static_cast<uint32_t>(load_le(in + 0, 4));
-  h.version = static_cast<uint16_t>(load_le(in + 4, 2));
-  uint16_t type = static_cast<uint16_t>(load_le(in + 6, 2));
-  h.flags = static_cast<uint32_t>(load_le(in + 8, 4));
-  h.header_check = static_cast<uint32_t>(load_le(in + 12, 4));
-  h.length = load_le(in + 16, 8);
-  h.checksum = load_le(in + 24, 8);
-
-  if (h.magic != kWireMagic)
-    return wire_error(WireCode::bad_magic, "header magic " + hex(h.magic) + ", want " +
-                                               hex(kWireMagic) + " (not a kvmig peer?)");
-  if (header_check_of(in) != h.header_check)
-    return wire_error(WireCode::bad_checksum, "header check mismatch (corrupt or desynced stream)");
+  h.magic = f.magic;
+  h.version = f.version;
+  h.flags = f.flags;
+  h.header_check = f.header_check;
+  h.length = f.length;
+  h.checksum = f.checksum;
   if (expected_version != 0 ? h.version != expected_version
                             : (h.version < kWireOldestVersion || h.version > kWireVersion + 1))
     return wire_error(WireCode::bad_version,
                       "message version " + std::to_string(h.version) + ", speaking " +
                           (expected_version ? std::to_string(expected_version)
                                             : std::to_string(kWireVersion)));
-  if (type == 0 || type > kMaxMsgType)
-    return wire_error(WireCode::bad_type, "message type " + std::to_string(type));
-  h.type = static_cast<MsgType>(type);
+  if (f.type == 0 || f.type > kMaxMsgType)
+    return wire_error(WireCode::bad_type, "message type " + std::to_string(f.type));
+  h.type = static_cast<MsgType>(f.type);
   if ((h.flags & ~kKnownFlags) != 0 ||
       ((h.flags & kFlagCompressed) && h.type != MsgType::mem_pages))
     return wire_error(WireCode::bad_flags, std::string(msg_type_name(h.type)) + " flags " +
@@ -130,10 +175,7 @@ Result<WireHeader> decode_header(const uint8_t in[kHeaderSize], uint16_t expecte
   uint64_t cap = limits.max_control_payload;
   if (h.type == MsgType::mem_pages)
     cap = 16 + 16ull * limits.max_batch_runs + limits.max_batch_pages * kPageSize;
-  if (h.length > cap)
-    return wire_error(WireCode::oversize, std::string(msg_type_name(h.type)) + " length " +
-                                              std::to_string(h.length) + " > cap " +
-                                              std::to_string(cap));
+  KVMIG_TRY(check_frame_length(msg_type_name(h.type), h.length, cap));
   return h;
 }
 

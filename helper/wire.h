@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "base/result.h"
+#include "helper/transport.h"
 
 namespace kvmig::helper {
 
@@ -89,6 +90,35 @@ struct WireLimits {
   uint64_t max_batch_pages = 16384;            // pages per MEM_PAGES (64 MiB of data)
   uint32_t max_batch_runs = 16384;
 };
+
+// The 32-byte frame header every kvmig stream shares: the migration stream ("KMIG") and the
+// disk copy stream ("KDSK", disk_messages.h) differ only in the magic and in what type,
+// version and flags mean, so the byte layout and the header check are written once, here.
+// Offsets: magic 0, version 4, type 6, flags 8, header_check 12, length 16, checksum 24.
+struct Frame {
+  uint32_t magic = 0;
+  uint16_t version = 0;
+  uint16_t type = 0;
+  uint32_t flags = 0;
+  uint32_t header_check = 0;  // XXH32 of the other 28 header bytes: catches a desync early
+  uint64_t length = 0;
+  uint64_t checksum = 0;
+};
+// Computes header_check (the field in `frame` is ignored).
+void encode_frame(const Frame& frame, uint8_t out[kHeaderSize]);
+// Parses the fields and checks the magic ([bad_magic]) and the header check ([bad_checksum]);
+// `family` ("migration", "disk") names the stream in errors. The family's decoder checks
+// version, type, flags and length, which only it knows the meaning of.
+Result<Frame> decode_frame(const uint8_t in[kHeaderSize], uint32_t magic, const char* family);
+// [oversize] "<type_name> length N > cap C" unless length <= cap.
+Result<void> check_frame_length(const char* type_name, uint64_t length, uint64_t cap);
+// Writes an encoded header and its payload in one gather write.
+Result<void> send_frame(Stream& stream, const uint8_t head[kHeaderSize],
+                        std::span<const uint8_t> payload);
+// Reads a `length`-byte payload and checks its XXH3-64 against `checksum` ([bad_checksum],
+// naming `type_name`).
+Result<std::vector<uint8_t>> read_frame_payload(Stream& stream, uint64_t length,
+                                                uint64_t checksum, const char* type_name);
 
 // Header codec. encode computes header_check; decode checks magic, check, type, flags and
 // the length cap, and that the version is `expected_version` (0: any version a peer of ours

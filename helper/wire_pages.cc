@@ -1,5 +1,8 @@
 #include "helper/wire_pages.h"
 
+#include <sys/mman.h>
+
+#include <cstdint>
 #include <cstring>
 
 namespace kvmig::helper {
@@ -22,6 +25,16 @@ bool page_is_zero(const uint8_t* p) {
     if (acc) return false;
   }
   return true;
+}
+
+// Makes [p, p+len) read as zeros, writing only where it does not already: reading a page
+// that was never written is cheap (the kernel's zero page), writing it allocates it.
+void zero_pages(uint8_t* p, uint64_t len, bool anonymous) {
+  if (anonymous && reinterpret_cast<uintptr_t>(p) % kPageSize == 0 && len % kPageSize == 0 &&
+      ::madvise(p, len, MADV_DONTNEED) == 0)
+    return;
+  for (uint64_t off = 0; off < len; off += kPageSize)
+    if (!page_is_zero(p + off)) std::memset(p + off, 0, kPageSize);
 }
 
 void put_run(ByteWriter& w, uint64_t gpa, uint32_t pages, uint32_t kind) {
@@ -224,7 +237,7 @@ Result<BatchStats> PageBatchReceiver::receive(const WireHeader& header,
     return wire_error(WireCode::malformed, "MEM_PAGES: runs hold " + std::to_string(seen_data) +
                                                " data pages, head says " +
                                                std::to_string(data_pages));
-  for (const iovec& z : zeros) std::memset(z.iov_base, 0, z.iov_len);
+  for (const iovec& z : zeros) zero_pages(static_cast<uint8_t*>(z.iov_base), z.iov_len, anonymous_target_);
   if (compressed) {
     auto rc = decompressor_.decompress(std::span<const uint8_t>(meta_).subspan(meta_len), data);
     if (!rc.ok()) return std::move(rc.error().prefix("MEM_PAGES"));

@@ -78,6 +78,12 @@ class PageBatchReceiver {
   Result<BatchStats> receive(const WireHeader& header,
                              std::optional<uint32_t> expect_round = std::nullopt);
   uint32_t last_round() const { return round_; }
+  // The target is private anonymous memory (as guest RAM is): a zero run is dropped with
+  // MADV_DONTNEED, after which it reads back as zeros, instead of written. Writing zeros
+  // would fault in (and zero) fresh memory the guest may never touch, seconds per GiB on
+  // some hosts. Without it, or where the kernel refuses (a huge page only partly covered),
+  // only pages that are not already zero are written.
+  void set_anonymous_target(bool on) { anonymous_target_ = on; }
 
  private:
   Stream& stream_;
@@ -88,6 +94,7 @@ class PageBatchReceiver {
   std::vector<uint8_t> meta_;
   std::vector<uint8_t> frame_;
   uint32_t round_ = 0;
+  bool anonymous_target_ = false;
 };
 
 }  // namespace kvmig::helper

@@ -3,6 +3,8 @@
 #include <memory>
 #include <mutex>
 
+#include "host/micro_vm_site.h"
+#include "host/site_records.h"
 #include "kvm/dirty_tracker.h"
 
 namespace kvmig::host {
@@ -29,6 +31,13 @@ Result<void> check_type(const nlohmann::json& r, const char* key, nlohmann::json
 }
 
 }  // namespace
+
+std::string new_migration_id() {
+  std::string hex;
+  for (char c : random_uuid())
+    if (c != '-') hex += c;
+  return "mig-" + hex.substr(0, 16);
+}
 
 Result<helper::SourceOptions> parse_migrate_request(const nlohmann::json& r) {
   using vt = nlohmann::json::value_t;
@@ -66,13 +75,26 @@ Result<helper::SourceOptions> parse_migrate_request(const nlohmann::json& r) {
   o.timeout = r.value("timeout_s", 60.0);
   if (!(o.timeout >= 0 && o.timeout <= 86400)) return Error{"migrate: \"timeout_s\" must be in [0, 86400]"};
   o.migration_id = r.value("migration_id", std::string());
+  if (!o.migration_id.empty()) {
+    if (auto c = check_migration_id(o.migration_id); !c.ok()) return std::move(c.error().prefix("migrate: \"migration_id\""));
+  }
   return o;
 }
 
-void register_migrate_commands(ControlServer& server, kvm::Machine& machine) {
+void register_migrate_commands(ControlServer& server, kvm::Machine& machine, MigrateIdentity identity) {
   auto state = std::make_shared<MigrateState>();
-  server.register_command("migrate", [&machine, state](const nlohmann::json& req) -> Result<nlohmann::json> {
+  if (identity.vm_uuid == std::array<uint8_t, 16>{}) {
+    // A VM without a site identity still keeps one UUID for its whole life: a second attempt
+    // after a failed migration must name the same VM in the destination's records.
+    if (auto b = uuid_bytes(random_uuid()); b.ok()) identity.vm_uuid = *b;
+  }
+  server.register_command("migrate", [&machine, state, identity](const nlohmann::json& req) -> Result<nlohmann::json> {
     KVMIG_ASSIGN(helper::SourceOptions opt, parse_migrate_request(req));
+    // The id is made here rather than in the session so the report can name it: it is what
+    // `kvmig status --migration` asks for.
+    if (opt.migration_id.empty()) opt.migration_id = new_migration_id();
+    opt.vm_uuid = identity.vm_uuid;
+    opt.events = identity.events;
     {
       std::lock_guard lock(state->mu);
       if (state->running) return Error{"migrate: a migration of this VM is already in progress"};
@@ -87,7 +109,10 @@ void register_migrate_commands(ControlServer& server, kvm::Machine& machine) {
     std::lock_guard lock(state->mu);
     state->running = false;
     state->last_result = report.result;
-    return report.to_json();
+    nlohmann::json j = report.to_json();
+    j["migration_id"] = opt.migration_id;
+    j["vm_uuid"] = uuid_text(opt.vm_uuid);
+    return j;
   });
   server.register_command("migrate-progress", [state](const nlohmann::json&) -> Result<nlohmann::json> {
     nlohmann::json j = state->progress.to_json();

@@ -3,7 +3,8 @@
 //   {"cmd":"migrate","to":"HOST:PORT"|"unix:PATH", "streams":N, "compress":bool,
 //    "verify":bool, "dirty_tracking":"bitmap"|"ring", "granularity":BYTES,
 //    "max_downtime_ms":MS, "timeout_s":S, "migration_id":STR}  (all but "to" optional)
-//      -> the report (helper/migration_report.h) with "result": completed|failed|in-doubt.
+//      -> the report (helper/migration_report.h) with "result": completed|failed|in-doubt,
+//         plus "migration_id" (made here when the request has none) and "vm_uuid".
 //   {"cmd":"migrate-progress"} -> phase, iteration, transferred, remaining, dirty rate,
 //      expected downtime of the migration in progress (or of the last one).
 //   {"cmd":"migrate-finish"} -> after a completed migration only: ends this VM (status 0),
@@ -11,6 +12,8 @@
 //      report, so the report is never lost in the VM process's exit.
 #pragma once
 
+#include <array>
+#include <cstdint>
 #include <nlohmann/json.hpp>
 
 #include "base/result.h"
@@ -20,11 +23,20 @@
 
 namespace kvmig::host {
 
+// A fresh migration id, "mig-" and 16 hex digits (the form the session itself makes).
+std::string new_migration_id();
+
 // Checks every field of a "migrate" request; errors name the field.
 Result<helper::SourceOptions> parse_migrate_request(const nlohmann::json& request);
 
+// Who the VM is, for the session and the source site's records.
+struct MigrateIdentity {
+  std::array<uint8_t, 16> vm_uuid{};         // travels in HELLO; all zero: a random one per migration
+  helper::SourceEvents* events = nullptr;    // e.g. host::MicroVmSite; must outlive the server
+};
+
 // Registers migrate, migrate-progress and migrate-finish for `machine`, which must outlive
 // the server's use of them.
-void register_migrate_commands(ControlServer& server, kvm::Machine& machine);
+void register_migrate_commands(ControlServer& server, kvm::Machine& machine, MigrateIdentity identity = {});
 
 }  // namespace kvmig::host

@@ -107,4 +107,26 @@ Result<void> DirtyBitmapLog::clear(const LoggedSlot& slot, uint64_t first_page, 
   return ok();
 }
 
+Result<void> DirtyBitmapLog::clear_mask(const LoggedSlot& slot, uint64_t first_page, uint64_t num_pages,
+                                        const uint64_t* mask) const {
+  if (mode_ == Mode::classic || num_pages == 0) return ok();
+  const uint64_t slot_pages = slot.pages();
+  const std::string what = "KVM_CLEAR_DIRTY_LOG slot " + std::to_string(slot.slot) + " pages " +
+                           std::to_string(first_page) + "+" + std::to_string(num_pages);
+  if (first_page > slot_pages || num_pages > slot_pages - first_page)
+    return Error{what + ": outside the slot's " + std::to_string(slot_pages) + " pages"};
+  // KVM's own rule (kvm_clear_dirty_log_protect): 64-aligned, or running to the slot's end.
+  if (first_page % 64 != 0 || (num_pages % 64 != 0 && first_page + num_pages != slot_pages))
+    return Error{what + ": not aligned to 64 pages"};
+  if (num_pages > UINT32_MAX) return Error{what + ": too many pages for one call"};
+  kvm_clear_dirty_log clear{};
+  clear.slot = slot.slot;
+  clear.first_page = first_page;
+  clear.num_pages = static_cast<uint32_t>(num_pages);
+  clear.dirty_bitmap = const_cast<uint64_t*>(mask);  // KVM only reads it
+  auto r = kvm_ioctl(vm_fd_, KVM_CLEAR_DIRTY_LOG, "KVM_CLEAR_DIRTY_LOG", &clear);
+  if (!r.ok()) return std::move(r.error().prefix("slot " + std::to_string(slot.slot)));
+  return ok();
+}
+
 }  // namespace kvmig::kvm

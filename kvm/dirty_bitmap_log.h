@@ -60,6 +60,12 @@ class DirtyBitmapLog {
   // range is widened to 64 pages with a bitmap that selects only the requested pages, and
   // split in chunks so KVM does not hold mmu_lock for the whole slot. No-op in classic mode.
   Result<void> clear(const LoggedSlot& slot, uint64_t first_page, uint64_t num_pages) const;
+  // KVM_CLEAR_DIRTY_LOG with the caller's bitmap: pages [first_page, first_page+num_pages)
+  // whose bit is set in MASK (bit i = page first_page + i) are cleared and re-protected, in
+  // one ioctl. first_page must be a multiple of 64; num_pages too, unless the range ends at
+  // the slot's end. Scattered writes cost one call per range, not one per run of pages.
+  Result<void> clear_mask(const LoggedSlot& slot, uint64_t first_page, uint64_t num_pages,
+                          const uint64_t* mask) const;
 
   // Pages per KVM_CLEAR_DIRTY_LOG call; a multiple of 64.
   void set_clear_chunk_pages(uint64_t pages) { clear_chunk_pages_ = pages < 64 ? 64 : pages & ~63ull; }

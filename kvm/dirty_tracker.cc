@@ -184,4 +184,29 @@ Result<void> DirtyTracker::rearm(uint64_t gpa, uint64_t len) {
   return ok();
 }
 
+Result<void> DirtyTracker::rearm_bits(uint64_t gpa, uint64_t pages, std::span<const uint64_t> bits) {
+  std::lock_guard lock(mu_);
+  const std::string what = "rearm bits [" + hex(gpa) + ", " + std::to_string(pages) + " pages)";
+  if (!tracking_) return Error{what + ": dirty tracking is not started"};
+  if (pages == 0) return ok();
+  if (bits.size() < (pages + 63) / 64) return Error{what + ": bitmap shorter than the range"};
+  for (Slot& s : slots_) {
+    if (gpa < s.slot.gpa || gpa >= s.slot.gpa + s.slot.size) continue;
+    const uint64_t first = (gpa - s.slot.gpa) / kDirtyPageSize;
+    if ((gpa - s.slot.gpa) % kDirtyPageSize != 0 || first % 64 != 0 ||
+        (gpa - s.slot.gpa) % granularity_ != 0)
+      return Error{what + ": must start on a 64-page word and a granule of slot " +
+                   std::to_string(s.slot.slot)};
+    if (pages > s.slot.pages() - first) return Error{what + ": runs past the end of slot " + std::to_string(s.slot.slot)};
+    const uint64_t end = first + pages;
+    if (pages % 64 != 0 && end != s.slot.pages())
+      return Error{what + ": must span whole 64-page words or end at the slot's end"};
+    if (bitmap_) KVMIG_TRY(bitmap_->clear_mask(s.slot, first, pages, bits.data()));
+    for (uint64_t w = 0; w < (pages + 63) / 64; ++w)
+      if (bits[w]) s.pending[first / 64 + w].fetch_and(~bits[w], std::memory_order_relaxed);
+    return ok();
+  }
+  return Error{what + ": not in guest RAM"};
+}
+
 }  // namespace kvmig::kvm

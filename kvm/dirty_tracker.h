@@ -21,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <vector>
 
 #include "kvm/device_dirty.h"
@@ -66,6 +67,12 @@ class DirtyTracker final : public DirtyTracked {
   // [gpa, gpa+len) must start on a granule and end on one or at a slot's end; the parts
   // outside guest RAM are ignored, a range with no guest RAM at all is an error.
   Result<void> rearm(uint64_t gpa, uint64_t len) override;
+  // Re-arms exactly the pages set in BITS (bit i = page at gpa + i * 4 KiB) of
+  // [gpa, gpa + pages * 4 KiB), which must lie in one slot, start 64 pages (and a granule)
+  // from the slot's start and span whole 64-page words or end at the slot's end. BITS is a
+  // harvested bitmap, so it is granule-complete. One KVM_CLEAR_DIRTY_LOG however scattered
+  // the pages are; the same rule as rearm(): call it just before those pages are read.
+  Result<void> rearm_bits(uint64_t gpa, uint64_t pages, std::span<const uint64_t> bits);
 
  private:
   struct Slot {

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <map>
+#include <mutex>
 #include <set>
 
 #include "kvm/vcpu_state.h"
@@ -19,6 +20,14 @@ constexpr uint32_t kMaxVcpus = 1024;
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
+
+// The MSR list KVM_GET_MSRS accepts, per /dev/kvm fd of this process. It depends on KVM's
+// index list and on the vCPU's CPUID, which this VMM always derives from that same fd's
+// KVM_GET_SUPPORTED_CPUID: probed once, it holds for every machine built on the fd. This
+// matters because the probe is a vCPU ioctl, and a vCPU ioctl on a vCPU inside KVM_RUN
+// waits for its next exit (seconds for a guest that rarely exits).
+std::mutex msr_cache_mu;
+std::map<int, std::vector<uint32_t>> msr_cache;
 
 std::vector<MemoryRange> ranges_of(Machine& m) {
   const auto& regions = m.memory().regions();
@@ -63,14 +72,27 @@ Result<MachineSnapshot> MachineSnapshot::of(Machine& machine) {
   std::vector<Vcpu*> vcpus = machine.vcpus();
   if (vcpus.empty()) return Error{"machine has no vCPUs"};
   KVMIG_ASSIGN(VcpuStateCaps caps, probe_vcpu_state_caps(machine.vm_fd()));
-  // The MSR list is the same for every vCPU of a VM; probe it once on vCPU 0.
-  KVMIG_ASSIGN(std::vector<uint32_t> msrs, migratable_msrs(machine.kvm().fd(), vcpus[0]->fd()));
+  std::vector<uint32_t> msrs;
+  {
+    std::lock_guard lock(msr_cache_mu);
+    auto it = msr_cache.find(machine.kvm().fd());
+    if (it == msr_cache.end()) {
+      KVMIG_ASSIGN(std::vector<uint32_t> probed, migratable_msrs(machine.kvm().fd(), vcpus[0]->fd()));
+      it = msr_cache.emplace(machine.kvm().fd(), std::move(probed)).first;
+    }
+    msrs = it->second;
+  }
   for (Vcpu* v : vcpus)
     snap.parts_.push_back(std::make_unique<VcpuState>(v->fd(), v->index(), msrs, caps));
   snap.parts_.push_back(std::make_unique<IrqchipState>(machine.vm_fd()));
   snap.parts_.push_back(std::make_unique<PitState>(machine.vm_fd()));
   snap.parts_.push_back(std::make_unique<VmClockState>(machine.vm_fd()));
   return snap;
+}
+
+bool MachineSnapshot::probed(Machine& machine) {
+  std::lock_guard lock(msr_cache_mu);
+  return msr_cache.count(machine.kvm().fd()) > 0;
 }
 
 std::vector<std::string> MachineSnapshot::part_ids() const {

@@ -37,7 +37,12 @@ Result<MachineConfig> parse_machine_config(const StateSection& section);
 // machine must outlive it.
 class MachineSnapshot {
  public:
+  // Needs no vCPU ioctl once probed() says so; before that the machine must be paused or
+  // not yet started: the one-time MSR probe runs on vCPU 0 and would wait for it to leave
+  // KVM_RUN.
   static Result<MachineSnapshot> of(Machine& machine);
+  // Whether of() can run on this machine without touching a vCPU.
+  static bool probed(Machine& machine);
 
   // Every part's section; the machine must be paused.
   Result<std::vector<StateSection>> save_parts();

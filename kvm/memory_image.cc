@@ -1,8 +1,17 @@
 #include "kvm/memory_image.h"
 
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <thread>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14
+#endif
 
 namespace kvmig::kvm {
 namespace {
@@ -15,6 +24,36 @@ constexpr uint64_t kMaxRunBytes = 256ull << 20;
 // most 4 KiB: under 2% here), so a restore reads them straight into guest memory with
 // O_DIRECT. Smaller runs come through the reader's buffer anyway.
 constexpr uint64_t kAlignRunBytes = 256u << 10;
+
+// Runs at least this large get their pages faulted in ahead of the read (Prefaulter).
+constexpr uint64_t kPrefaultMinBytes = 16u << 20;
+constexpr uint64_t kPrefaultStep = 2u << 20;
+
+// Fresh guest memory is faulted in, and zeroed by the kernel, when the read first writes to
+// it: inside the O_DIRECT submission, in series with the reading. Where zeroing is slow (a
+// nested host: 0.4-0.9 s per GiB here) that costs as much as the disk. This thread faults
+// the run's pages in ahead of the reader, so both go on at once; the reader faults whatever
+// the thread has not reached yet, and the contents are untouched either way.
+class Prefaulter {
+ public:
+  Prefaulter(uint8_t* p, uint64_t len) {
+    if (len >= kPrefaultMinBytes) thread_ = std::thread([this, p, len] { run(p, len); });
+  }
+  ~Prefaulter() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void run(uint8_t* p, uint64_t len) {
+    for (uint64_t at = 0; at < len && !stop_; at += kPrefaultStep) {
+      if (::madvise(p + at, std::min(kPrefaultStep, len - at), MADV_POPULATE_WRITE) != 0)
+        return;  // an older kernel: the read faults the pages in itself
+    }
+  }
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
 
 std::string hex(uint64_t v) {
   char buf[24];
@@ -140,7 +179,11 @@ Result<void> restore_memory_run(StateFileReader& reader, std::span<const MemoryR
   if (target == nullptr || gpa % kPageSize != 0)
     return Error{"section 'memory.run' at offset " + std::to_string(info.offset) + ": pages " +
                  hex(gpa) + "+" + hex(len) + " are not inside guest memory"};
-  KVMIG_TRY(reader.read_payload(target->host + (gpa - target->gpa), len));
+  uint8_t* dst = target->host + (gpa - target->gpa);
+  {
+    Prefaulter prefault(dst, len);
+    KVMIG_TRY(reader.read_payload(dst, len));
+  }
   KVMIG_TRY(reader.finish_payload());
   if (stats != nullptr) {
     stats->data_bytes += len;

@@ -187,15 +187,20 @@ Result<std::vector<uint32_t>> migratable_msrs(int kvm_fd, int vcpu_fd) {
   std::sort(all.begin(), all.end());
   all.erase(std::unique(all.begin(), all.end()), all.end());
 
+  // KVM_GET_MSRS reads in order and stops at the first MSR it refuses, returning how many
+  // it read: ask for the whole rest of the list each time and drop the refused one. That
+  // is one ioctl per refused MSR plus one, not one per MSR (hundreds): each takes the vCPU
+  // mutex, and on some hosts a vCPU ioctl costs a full exit.
   std::vector<uint32_t> kept;
-  MsrBuffer one(1);
-  for (uint32_t index : all) {
-    one.set_count(1);
-    one.entries()[0] = {};
-    one.entries()[0].index = index;
-    // 1: KVM read it; 0: this vCPU does not have it. Only a real failure is an error.
-    KVMIG_ASSIGN(int n, kvm_ioctl(vcpu_fd, KVM_GET_MSRS, "KVM_GET_MSRS (probe)", one.ioctl_arg()));
-    if (n == 1) kept.push_back(index);
+  size_t next = 0;
+  while (next < all.size()) {
+    const size_t n = all.size() - next;
+    MsrBuffer buf(n);
+    for (size_t i = 0; i < n; ++i) buf.entries()[i].index = all[next + i];
+    KVMIG_ASSIGN(int read, kvm_ioctl(vcpu_fd, KVM_GET_MSRS, "KVM_GET_MSRS (probe)", buf.ioctl_arg()));
+    if (read < 0 || static_cast<size_t>(read) > n) return Error{"KVM_GET_MSRS (probe): implausible count"};
+    kept.insert(kept.end(), all.begin() + next, all.begin() + next + read);
+    next += read + 1;  // skips the refused one (if any)
   }
   return kept;
 }

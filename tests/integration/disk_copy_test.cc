@@ -23,6 +23,7 @@
 
 #include "base/fd.h"
 #include "helper/disk_extents.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 
@@ -30,12 +31,7 @@ namespace {
 
 constexpr uint64_t kMiB = 1 << 20;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using kvmig::test::read_file;
 
 uint64_t hash_of(const fs::path& p) {
   kvmig::Fd fd(::open(p.c_str(), O_RDONLY));
@@ -66,7 +62,7 @@ class Server {
       ::_exit(127);
     }
     for (int i = 0; i < 500 && port_ == 0; ++i) {
-      std::string text = slurp(log);
+      std::string text = read_file(log);
       auto at = text.find("listening on 127.0.0.1:");
       if (at != std::string::npos) port_ = std::atoi(text.c_str() + at + 23);
       else std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -78,7 +74,7 @@ class Server {
   }
   int port() const { return port_; }
   std::string at(const std::string& dst) const { return "127.0.0.1:" + std::to_string(port_) + ":" + dst; }
-  std::string log() const { return slurp(log_); }
+  std::string log() const { return read_file(log_); }
 
  private:
   fs::path log_;
@@ -86,18 +82,15 @@ class Server {
   int port_ = 0;
 };
 
-struct CliRun {
-  int status = -1;
-  std::string out, err;
+struct CliRun : kvmig::test::CliRun {
   nlohmann::json json() const { return nlohmann::json::parse(out, nullptr, false); }
 };
 
 class DiskCopy : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/kvmig-diskcopy-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = kvmig::test::make_temp_dir("kvmig-diskcopy");
+    ASSERT_FALSE(dir_.empty());
     fs::create_directories(dir_ / "root");
   }
   void TearDown() override {
@@ -125,16 +118,7 @@ class DiskCopy : public ::testing::Test {
     return p;
   }
 
-  CliRun kvmig(const std::string& args) {
-    CliRun r;
-    fs::path out = dir_ / "out.txt", err = dir_ / "err.txt";
-    std::string cmd = std::string(KVMIG_BINARY) + " " + args + " >" + out.string() + " 2>" + err.string();
-    int rc = std::system(cmd.c_str());
-    r.status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-    r.out = slurp(out);
-    r.err = slurp(err);
-    return r;
-  }
+  CliRun kvmig(const std::string& args) { return {kvmig::test::run_kvmig(args)}; }
 
   static int lines(const std::string& s) {
     return static_cast<int>(std::count(s.begin(), s.end(), '\n'));
@@ -178,7 +162,7 @@ TEST_F(DiskCopy, BrokenConnectionResumesFromTheAcknowledgedOffset) {
   // Give the server a moment to notice the broken connection and record its progress.
   nlohmann::json marker;
   for (int i = 0; i < 200; ++i) {
-    marker = nlohmann::json::parse(slurp(dir_ / "root" / "r.img.kvmig-partial"), nullptr, false);
+    marker = nlohmann::json::parse(read_file(dir_ / "root" / "r.img.kvmig-partial"), nullptr, false);
     if (!marker.is_discarded() && marker.value("acked", uint64_t{0}) >= 20 * kMiB) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
@@ -269,7 +253,7 @@ TEST_F(DiskCopy, BadInputIsRefusedWithOneLineAndTheSourceUntouched) {
   }
   EXPECT_TRUE(fs::is_empty(dir_ / "outside"));
   EXPECT_FALSE(fs::exists(dir_ / "escape.img"));
-  EXPECT_EQ(slurp(dir_ / "root" / "exists.img"), "keep me");
+  EXPECT_EQ(read_file(dir_ / "root" / "exists.img"), "keep me");
   EXPECT_EQ(hash_of(img), before);
   EXPECT_EQ(fs::last_write_time(img), mtime);
   // The server survives all of it and still copies.

@@ -16,23 +16,14 @@
 #include <gtest/gtest.h>
 
 #include "guests/guest_report.h"
+#include "host/qemu_process.h"
 
 namespace kvmig::guest {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string find_in_path(const std::string& name) {
-  const char* path = std::getenv("PATH");
-  std::string_view rest = path ? path : "";
-  while (!rest.empty()) {
-    size_t colon = rest.find(':');
-    std::filesystem::path candidate = std::filesystem::path(rest.substr(0, colon)) / name;
-    if (access(candidate.c_str(), X_OK) == 0) return candidate.string();
-    rest = colon == std::string_view::npos ? std::string_view{} : rest.substr(colon + 1);
-  }
-  return "";
-}
+using host::find_in_path;
 
 struct QemuRun {
   Report report;

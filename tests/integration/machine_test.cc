@@ -15,6 +15,7 @@
 
 #include "host/control_server.h"
 #include "kvm/machine.h"
+#include "test_util.h"
 #include "unit/elf_builder.h"
 
 namespace kvmig::kvm {
@@ -34,12 +35,6 @@ std::string write_temp(const std::string& name, const std::vector<uint8_t>& byte
   std::string path = temp_path(name);
   std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
   return path;
-}
-
-std::string read_file(const std::string& path) {
-  std::stringstream ss;
-  ss << std::ifstream(path).rdbuf();
-  return ss.str();
 }
 
 std::string guest64_path() {
@@ -93,7 +88,7 @@ TEST(Machine, Elf32GuestPrintsAndExitsWithItsStatus) {
   auto status = m->wait();
   ASSERT_TRUE(status.ok()) << status.error().message;
   EXPECT_EQ(*status, 3);
-  EXPECT_EQ(read_file(console), "hello\n");
+  EXPECT_EQ(test::read_file(console), "hello\n");
   auto s = m->stats();
   EXPECT_GE(s.exits_io, 7u);
   EXPECT_GE(s.first_console_byte_us, 0);
@@ -240,25 +235,13 @@ TEST(TestGuest, TwoVcpusBothWorkAndSurvivePauses) {
 
 // --- the CLI ---
 
-struct CliResult {
-  int exit_code;
-  std::string err;
-};
-
-CliResult run_cli(const std::string& args) {
-  std::string err = temp_path("stderr");
-  std::string cmd = std::string(KVMIG_BINARY) + " " + args + " >/dev/null 2>" + err;
-  int rc = std::system(cmd.c_str());
-  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, read_file(err)};
-}
-
 int count_lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
 
 TEST(VmRunCli, ExitStatusIsTheGuests) {
   REQUIRE_KVM();
   auto kernel = write_temp("cli-ok", test::make_multiboot_elf32(test::code_print_and_exit("x\n", 9)).bytes);
-  auto r = run_cli("vm run --no-control --memory 64M --kernel " + kernel);
-  EXPECT_EQ(r.exit_code, 9) << r.err;
+  auto r = test::run_kvmig("vm run --no-control --memory 64M --kernel " + kernel);
+  EXPECT_EQ(r.status, 9) << r.err;
 }
 
 TEST(VmRunCli, BadKernelsGiveOneLineErrors) {
@@ -277,8 +260,8 @@ TEST(VmRunCli, BadKernelsGiveOneLineErrors) {
       {temp_path("does-not-exist"), "No such file"},
   };
   for (const auto& [path, want] : cases) {
-    auto r = run_cli("vm run --no-control --memory 64M --kernel " + path);
-    EXPECT_NE(r.exit_code, 0) << path;
+    auto r = test::run_kvmig("vm run --no-control --memory 64M --kernel " + path);
+    EXPECT_NE(r.status, 0) << path;
     EXPECT_EQ(count_lines(r.err), 1) << r.err;
     EXPECT_NE(r.err.find(want), std::string::npos) << "want '" << want << "' in: " << r.err;
   }
@@ -288,8 +271,8 @@ TEST(VmRunCli, BadMemoryGivesOneLineErrors) {
   REQUIRE_KVM();
   auto kernel = write_temp("cli-mem", test::make_multiboot_elf32(test::code_print_and_exit("x", 0)).bytes);
   for (const char* mem : {"100T", "12Q", "1M"}) {
-    auto r = run_cli(std::string("vm run --no-control --memory ") + mem + " --kernel " + kernel);
-    EXPECT_NE(r.exit_code, 0) << mem;
+    auto r = test::run_kvmig(std::string("vm run --no-control --memory ") + mem + " --kernel " + kernel);
+    EXPECT_NE(r.status, 0) << mem;
     EXPECT_EQ(count_lines(r.err), 1) << r.err;
   }
 }

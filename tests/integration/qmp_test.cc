@@ -18,6 +18,7 @@
 #include "guests/guest_report.h"
 #include "host/qemu_process.h"
 #include "host/qmp_client.h"
+#include "test_util.h"
 
 namespace kvmig::host {
 namespace {
@@ -269,9 +270,8 @@ class QmpQemuTest : public ::testing::Test {
     qemu_ = find_in_path("qemu-system-x86_64");
     if (qemu_.empty()) GTEST_SKIP() << "qemu-system-x86_64 not found in PATH";
     if (!std::filesystem::exists(KVMIG_GUEST)) GTEST_SKIP() << "guest not built: " << KVMIG_GUEST;
-    char tmpl[] = "/tmp/kvmig-qmp-XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = test::make_temp_dir("kvmig-qmp");
+    ASSERT_FALSE(dir_.empty());
   }
   void TearDown() override {
     guests_.clear();  // kills the QEMUs this test started, by pid

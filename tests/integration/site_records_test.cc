@@ -18,6 +18,7 @@
 #include "host/recovery.h"
 #include "host/site_db.h"
 #include "host/site_records.h"
+#include "test_util.h"
 
 namespace kvmig::host {
 namespace {
@@ -29,9 +30,8 @@ const std::string kVm3 = "6f1e8a52-3333-4c2b-9d3e-0123456789ab";
 class SiteTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/kvmig-site-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    root_ = tmpl;
+    root_ = test::make_temp_dir("kvmig-site");
+    ASSERT_FALSE(root_.empty());
   }
   void TearDown() override { std::filesystem::remove_all(root_); }
   std::unique_ptr<SiteDb> open(const std::string& name, bool create = true) {

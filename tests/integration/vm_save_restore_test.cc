@@ -20,6 +20,7 @@
 
 #include "kvm/machine.h"
 #include "kvm/machine_snapshot.h"
+#include "test_util.h"
 
 namespace kvmig::kvm {
 namespace {
@@ -34,12 +35,7 @@ struct Pass {
   uint64_t tsc = 0;
 };
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using test::read_file;
 
 std::vector<Pass> passes_in(const std::string& text) {
   std::vector<Pass> out;
@@ -51,20 +47,17 @@ std::vector<Pass> passes_in(const std::string& text) {
 
 // Runs kvmig with ARGS; returns its exit status, stderr in ERR.
 int run_kvmig(const std::string& args, std::string* err) {
-  std::string err_path = "/tmp/kvmig-vm-save-restore-err-" + std::to_string(getpid());
-  int rc = std::system((std::string(KVMIG_BINARY) + " " + args + " 2>" + err_path).c_str());
-  if (err) *err = read_file(err_path);
-  unlink(err_path.c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128 + WTERMSIG(rc);
+  test::CliRun r = test::run_kvmig(args);
+  if (err) *err = r.err;
+  return r.status;
 }
 
 class VmSaveRestoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (access("/dev/kvm", R_OK | W_OK) != 0) GTEST_SKIP() << "/dev/kvm not available";
-    char tmpl[] = "/tmp/kvmig-vm-save-restore-XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = test::make_temp_dir("kvmig-vm-save-restore");
+    ASSERT_FALSE(dir_.empty());
   }
   void TearDown() override {
     if (!dir_.empty()) std::system(("rm -rf " + dir_).c_str());

@@ -10,6 +10,8 @@
 #include <random>
 #include <string>
 
+#include "test_util.h"
+
 namespace kvmig::kvm {
 namespace {
 
@@ -28,9 +30,8 @@ struct Mapping {
 class MemoryImageTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/kvmig-memory-image-test-XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = test::make_temp_dir("kvmig-memory-image-test");
+    ASSERT_FALSE(dir_.empty());
     path_ = dir_ + "/state";
   }
   void TearDown() override { std::system(("rm -rf " + dir_).c_str()); }

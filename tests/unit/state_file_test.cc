@@ -11,15 +11,16 @@
 #include <string>
 #include <vector>
 
+#include "test_util.h"
+
 namespace kvmig::kvm {
 namespace {
 
 class StateFileTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/kvmig-state-file-test-XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = test::make_temp_dir("kvmig-state-file-test");
+    ASSERT_FALSE(dir_.empty());
     path_ = dir_ + "/state";
   }
   void TearDown() override { std::system(("rm -rf " + dir_).c_str()); }

@@ -18,6 +18,18 @@
 namespace kvmig::helper {
 namespace {
 
+// A raw TCP connection to 127.0.0.1:PORT, bypassing the transport (a stranger's view of
+// a listener); an invalid Fd if it cannot connect.
+Fd connect_loopback(uint16_t port) {
+  Fd fd(::socket(AF_INET, SOCK_STREAM, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return Fd();
+  return fd;
+}
+
 TEST(Endpoint, Parses) {
   auto tcp = parse_endpoint("10.0.0.2:4444");
   ASSERT_TRUE(tcp.ok());
@@ -153,22 +165,14 @@ TEST(Transport, ListenerIgnoresStrangersAndTimesOutOnMissingStreams) {
   Endpoint ep = listener->endpoint();
   std::thread stranger([&] {
     // A port scanner, then a peer that sends only its control stream's preamble.
-    Fd fd(::socket(AF_INET, SOCK_STREAM, 0));
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(ep.port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ASSERT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    Fd fd = connect_loopback(ep.port);
+    ASSERT_TRUE(fd.valid());
     ASSERT_EQ(::write(fd.get(), "GET / HTTP/1.0\r\n\r\n", 18), 18);
   });
   stranger.join();
   std::thread partial([&] {
-    Fd fd(::socket(AF_INET, SOCK_STREAM, 0));
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(ep.port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ASSERT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    Fd fd = connect_loopback(ep.port);
+    ASSERT_TRUE(fd.valid());
     ByteWriter w;
     w.u32(0x5453474b);
     w.u16(0);
