@@ -231,8 +231,8 @@ Result<void> Receiver::follow_control() {
 
 Result<void> Receiver::load_and_ready() {
   // Every round is in (each control ROUND_END waited for its data); the page thread now
-  // waits for a round that will never come.
-  stop_pages();
+  // waits for a round that will never come. It is stopped after READY: joining its
+  // threads is not worth a moment of the source's downtime.
   kvm::Machine& vm = *out_.machine;
   if (verify_) {
     if (verify_->bytes != vm.memory().ram_size())
@@ -249,7 +249,9 @@ Result<void> Receiver::load_and_ready() {
   }
   auto r = snapshot_->restore_parts(sections_);
   if (!r.ok()) return wire_error(WireCode::internal, "loading state: " + r.error().message);
-  return send_control(MsgType::ready);
+  KVMIG_TRY(send_control(MsgType::ready));
+  stop_pages();
+  return ok();
 }
 
 Result<void> Receiver::commit() {

@@ -183,6 +183,16 @@ Result<RoundStats> PageSender::send_round(uint32_t round, kvm::DirtyTracker* tra
     total.wire_bytes += mine.wire_bytes;
     total.compressed_batches += mine.compressed_batches;
   };
+  // A small round (the paused one, typically) goes out from this thread, stream after
+  // stream: a thread per stream would be started and scheduled for microseconds of work,
+  // and on a busy host each wake-up can cost a scheduler slice of downtime.
+  uint64_t pages = 0;
+  for (const auto& b : send) pages += count_bits(b.bits);
+  if (pages <= kSerialRoundPages) {
+    for (size_t s = 0; s < n && !first; ++s) run(s);
+    if (first) return *first;
+    return total;
+  }
   std::vector<std::thread> threads;
   for (size_t s = 1; s < n; ++s) threads.emplace_back(run, s);
   run(0);

@@ -31,6 +31,8 @@ namespace kvmig::helper {
 inline constexpr uint64_t kChunkSize = 2ull << 20;
 inline constexpr uint64_t kChunkPages = kChunkSize / kPageSize;
 inline constexpr uint64_t kBatchPages = 4096;  // 16 MiB per MEM_PAGES: big writes, some overlap
+// Rounds up to this many pages are sent from the calling thread, one stream after another.
+inline constexpr uint64_t kSerialRoundPages = 4096;
 
 // Calls fn(first_page, pages) for each maximal run of set bits in [begin, end).
 void for_each_run(const uint64_t* bits, uint64_t begin, uint64_t end,

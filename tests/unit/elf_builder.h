@@ -18,38 +18,46 @@ struct TinyElf {
   uint64_t entry = 0;
 };
 
+// One PT_LOAD segment covering the whole file at `load_addr`, entry at `entry`: the same
+// layout for both classes, only the field widths differ.
+template <typename Ehdr, typename Phdr>
+void put_elf_headers(TinyElf& t, unsigned char elf_class, uint16_t machine, uint64_t load_addr,
+                     uint64_t entry) {
+  Ehdr eh{};
+  std::memcpy(eh.e_ident, ELFMAG, SELFMAG);
+  eh.e_ident[EI_CLASS] = elf_class;
+  eh.e_ident[EI_DATA] = ELFDATA2LSB;
+  eh.e_ident[EI_VERSION] = EV_CURRENT;
+  eh.e_type = ET_EXEC;
+  eh.e_machine = machine;
+  eh.e_version = EV_CURRENT;
+  eh.e_entry = entry;
+  eh.e_phoff = sizeof(Ehdr);
+  eh.e_ehsize = sizeof(Ehdr);
+  eh.e_phentsize = sizeof(Phdr);
+  eh.e_phnum = 1;
+  Phdr ph{};
+  ph.p_type = PT_LOAD;
+  ph.p_offset = 0;
+  ph.p_vaddr = ph.p_paddr = load_addr;
+  ph.p_filesz = ph.p_memsz = t.bytes.size();
+  ph.p_flags = PF_R | PF_W | PF_X;
+  std::memcpy(t.bytes.data(), &eh, sizeof eh);
+  std::memcpy(t.bytes.data() + eh.e_phoff, &ph, sizeof ph);
+  t.phdr_offset = eh.e_phoff;
+  t.entry = entry;
+}
+
 inline TinyElf make_multiboot_elf32(const std::vector<uint8_t>& code, uint32_t load_addr = 0x100000,
                                     uint32_t mb_flags = 0x2) {
   TinyElf t;
   const size_t code_off = sizeof(Elf32_Ehdr) + sizeof(Elf32_Phdr) + 12;
   t.bytes.assign(code_off + code.size(), 0);
-  Elf32_Ehdr eh{};
-  std::memcpy(eh.e_ident, ELFMAG, SELFMAG);
-  eh.e_ident[EI_CLASS] = ELFCLASS32;
-  eh.e_ident[EI_DATA] = ELFDATA2LSB;
-  eh.e_ident[EI_VERSION] = EV_CURRENT;
-  eh.e_type = ET_EXEC;
-  eh.e_machine = EM_386;
-  eh.e_version = EV_CURRENT;
-  eh.e_entry = load_addr + code_off;
-  eh.e_phoff = sizeof(Elf32_Ehdr);
-  eh.e_ehsize = sizeof(Elf32_Ehdr);
-  eh.e_phentsize = sizeof(Elf32_Phdr);
-  eh.e_phnum = 1;
-  Elf32_Phdr ph{};
-  ph.p_type = PT_LOAD;
-  ph.p_offset = 0;
-  ph.p_vaddr = ph.p_paddr = load_addr;
-  ph.p_filesz = ph.p_memsz = static_cast<uint32_t>(t.bytes.size());
-  ph.p_flags = PF_R | PF_W | PF_X;
-  std::memcpy(t.bytes.data(), &eh, sizeof eh);
-  std::memcpy(t.bytes.data() + eh.e_phoff, &ph, sizeof ph);
-  t.phdr_offset = eh.e_phoff;
+  put_elf_headers<Elf32_Ehdr, Elf32_Phdr>(t, ELFCLASS32, EM_386, load_addr, load_addr + code_off);
   t.multiboot_offset = sizeof(Elf32_Ehdr) + sizeof(Elf32_Phdr);
   uint32_t mb[3] = {0x1badb002, mb_flags, static_cast<uint32_t>(-(0x1badb002 + mb_flags))};
   std::memcpy(t.bytes.data() + t.multiboot_offset, mb, sizeof mb);
   std::memcpy(t.bytes.data() + code_off, code.data(), code.size());
-  t.entry = eh.e_entry;
   return t;
 }
 
@@ -57,29 +65,8 @@ inline TinyElf make_elf64(const std::vector<uint8_t>& code, uint64_t load_addr =
   TinyElf t;
   const size_t code_off = sizeof(Elf64_Ehdr) + sizeof(Elf64_Phdr);
   t.bytes.assign(code_off + code.size(), 0);
-  Elf64_Ehdr eh{};
-  std::memcpy(eh.e_ident, ELFMAG, SELFMAG);
-  eh.e_ident[EI_CLASS] = ELFCLASS64;
-  eh.e_ident[EI_DATA] = ELFDATA2LSB;
-  eh.e_ident[EI_VERSION] = EV_CURRENT;
-  eh.e_type = ET_EXEC;
-  eh.e_machine = EM_X86_64;
-  eh.e_version = EV_CURRENT;
-  eh.e_entry = load_addr + code_off;
-  eh.e_phoff = sizeof(Elf64_Ehdr);
-  eh.e_ehsize = sizeof(Elf64_Ehdr);
-  eh.e_phentsize = sizeof(Elf64_Phdr);
-  eh.e_phnum = 1;
-  Elf64_Phdr ph{};
-  ph.p_type = PT_LOAD;
-  ph.p_vaddr = ph.p_paddr = load_addr;
-  ph.p_filesz = ph.p_memsz = t.bytes.size();
-  ph.p_flags = PF_R | PF_W | PF_X;
-  std::memcpy(t.bytes.data(), &eh, sizeof eh);
-  std::memcpy(t.bytes.data() + eh.e_phoff, &ph, sizeof ph);
-  t.phdr_offset = eh.e_phoff;
+  put_elf_headers<Elf64_Ehdr, Elf64_Phdr>(t, ELFCLASS64, EM_X86_64, load_addr, load_addr + code_off);
   std::memcpy(t.bytes.data() + code_off, code.data(), code.size());
-  t.entry = eh.e_entry;
   return t;
 }
 
