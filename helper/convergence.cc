@@ -21,10 +21,13 @@ ConvergenceDecision decide_round(const ConvergenceInput& in) {
   const double current = std::clamp(in.throttle, 0.0, cap);
   d.throttle = current;
   d.expected_downtime = std::numeric_limits<double>::infinity();
-  if (in.dirty_bytes == 0) {
+  // The final round: what is dirty now, plus what the guest dirties until it is paused.
+  const double final_bytes =
+      static_cast<double>(in.dirty_bytes) + std::max(0.0, in.dirty_rate) * std::max(0.0, in.switch_gap);
+  if (final_bytes == 0) {
     d.expected_downtime = in.state_seconds;
   } else if (in.bandwidth > 0) {
-    d.expected_downtime = static_cast<double>(in.dirty_bytes) / in.bandwidth + in.state_seconds;
+    d.expected_downtime = final_bytes / in.bandwidth + in.state_seconds;
   }
 
   if (in.timeout > 0 && in.elapsed >= in.timeout) {

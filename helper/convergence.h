@@ -15,6 +15,9 @@ struct ConvergenceInput {
   double bandwidth = 0;           // bytes/s the link moved last round (0: not measured)
   double dirty_rate = 0;          // bytes/s of distinct pages the guest dirtied last round
   double state_seconds = 0;       // estimated time to send vCPU + device state
+  // Seconds from the harvest the decision is made on to the pause. The guest keeps
+  // dirtying at dirty_rate (throttled) during them, and those pages join the final round.
+  double switch_gap = 0;
   double max_downtime = 0.005;    // seconds the guest may stay paused
   double elapsed = 0;             // seconds since pre-copy began
   double timeout = 0;             // seconds; 0 = no limit

@@ -2,6 +2,8 @@
 
 #include <linux/kvm.h>
 #include <poll.h>
+#include <sys/resource.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include <algorithm>
@@ -20,8 +22,13 @@
 namespace kvmig::helper {
 namespace {
 
-// Estimated time to move the vCPU/device state: a few sections of kilobytes and a round trip.
-constexpr double kStateSeconds = 0.0005;
+// The fixed part of the downtime, whatever the pages: saving the vCPU/device state (0.1 ms),
+// sending it, restoring it, and the READY / COMMIT / DONE round trips and resume. Measured
+// ~0.6 ms in total on one idle host (KVMIG_TRACE_SWITCHOVER=1 prints each step).
+constexpr double kStateSeconds = 0.001;
+// From the harvest a switch-over is decided on to the pause: the throttle thread stopped
+// and the vCPUs kicked out of KVM_RUN. Pages the guest dirties meanwhile are paid in downtime.
+constexpr double kSwitchGapSeconds = 0.0005;
 // At most this share of guest RAM is deferred as hot: the rest must converge normally.
 constexpr uint64_t kMaxDeferredDivisor = 4;
 // How long a round waits for the destination to take in what was sent.
@@ -33,6 +40,29 @@ std::string random_id() {
   snprintf(buf, sizeof buf, "mig-%08x%08x", rd(), rd());
   return buf;
 }
+
+// Raises this thread's CPU priority for the switch-over (ms), as far as allowed: on a busy
+// host every wake-up of the session thread (the drained socket, READY, DONE) can otherwise
+// wait a scheduler slice behind other work, and the guest is paused all that time. Without
+// CAP_SYS_NICE nothing changes. Restored on destruction.
+class SwitchoverPriority {
+ public:
+  SwitchoverPriority() : tid_(static_cast<id_t>(::gettid())) {
+    errno = 0;
+    int old = ::getpriority(PRIO_PROCESS, tid_);
+    if (errno == 0 && ::setpriority(PRIO_PROCESS, tid_, kNice) == 0) old_ = old;
+  }
+  ~SwitchoverPriority() {
+    if (old_) (void)::setpriority(PRIO_PROCESS, tid_, *old_);
+  }
+  SwitchoverPriority(const SwitchoverPriority&) = delete;
+  SwitchoverPriority& operator=(const SwitchoverPriority&) = delete;
+  static constexpr int kNice = -10;
+
+ private:
+  id_t tid_;
+  std::optional<int> old_;
+};
 
 uint64_t memory_hash(const kvm::GuestMemory& memory) {
   XXH3_state_t* st = XXH3_createState();
@@ -225,6 +255,7 @@ Result<void> Session::precopy() {
     in.bandwidth = bandwidth;
     in.dirty_rate = dirty_rate;
     in.state_seconds = kStateSeconds;
+    in.switch_gap = kSwitchGapSeconds;
     in.max_downtime = opt_.max_downtime;
     in.elapsed = std::chrono::duration<double>(now - precopy_start_).count();
     in.timeout = opt_.timeout;
@@ -392,8 +423,11 @@ void Session::fail_before_commit(const Error& error) {
 MigrationReport Session::run() {
   Result<void> r = setup();
   if (r.ok()) r = precopy();
-  if (r.ok()) r = switchover();
-  if (r.ok()) r = commit();
+  {
+    SwitchoverPriority priority;
+    if (r.ok()) r = switchover();
+    if (r.ok()) r = commit();
+  }
   report_.iterations = round_;
   double wire_ms = report_.precopy_ms + report_.switchover_ms;
   report_.bandwidth_mbps = wire_ms > 0 ? report_.bytes / (wire_ms / 1000) / 1e6 : 0;

@@ -30,6 +30,25 @@ TEST(Convergence, SwitchesOverWhenTheRestFitsTheBudget) {
   EXPECT_NE(decide_round(in).verdict, Verdict::switch_over);
 }
 
+TEST(Convergence, FinalRoundIncludesWhatIsDirtiedBeforeThePause) {
+  ConvergenceInput in = base();
+  in.dirty_bytes = 8'000'000;  // 3.2 ms + 1 ms: fits on its own
+  in.dirty_rate = 0.5 * kGB;
+  in.switch_gap = 0.002;  // + 1 MB dirtied until the pause: 0.4 ms more, still fits
+  auto d = decide_round(in);
+  EXPECT_EQ(d.verdict, Verdict::switch_over) << d.reason;
+  EXPECT_NEAR(d.expected_downtime, 0.0046, 1e-6);
+  in.switch_gap = 0.005;  // + 2.5 MB: 10.5 MB / 2.5 GB/s + 1 ms = 5.2 ms, over
+  d = decide_round(in);
+  EXPECT_NE(d.verdict, Verdict::switch_over) << d.reason;
+  EXPECT_NEAR(d.expected_downtime, 0.0052, 1e-6);
+  // A guest that is clean now but dirties fast still owes a final round.
+  in.dirty_bytes = 0;
+  in.dirty_rate = 5 * kGB;
+  in.switch_gap = 0.003;  // 15 MB: 6 ms + 1 ms
+  EXPECT_NE(decide_round(in).verdict, Verdict::switch_over);
+}
+
 TEST(Convergence, IdleGuestSwitchesOverEvenWithoutBandwidth) {
   ConvergenceInput in = base();
   in.dirty_bytes = 0;

@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/mman.h>
+
 #include <cstring>
 #include <random>
 
@@ -286,6 +288,44 @@ WireCode receive_crafted(FakeGuest& dst, const std::vector<std::array<uint64_t, 
   PageBatchReceiver receiver(*b, dst.layout, dst.resolver(), limits);
   auto r = receiver.receive(msg->header);
   return r.ok() ? WireCode::none : wire_code_of(r.error());
+}
+
+// Zero runs into private anonymous memory: a page holding data reads back as zeros, and a
+// page never written stays unallocated (writing zeros would fault it in for nothing).
+TEST(MemPages, ZeroRunsIntoAnonymousMemoryAllocateNothing) {
+  constexpr uint64_t kPages = 64;
+  void* map = ::mmap(nullptr, kPages * kPageSize, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(map, MAP_FAILED);
+  ::madvise(map, kPages * kPageSize, MADV_NOHUGEPAGE);  // residency per 4 KiB page
+  auto* dst = static_cast<uint8_t*>(map);
+  std::memset(dst + 2 * kPageSize, 0x5a, 2 * kPageSize);  // pages 2, 3 hold data
+  MemoryLayout layout{{{0, kPages * kPageSize}}};
+  GpaResolver target = [&](uint64_t gpa, uint64_t len) -> uint8_t* {
+    return gpa + len <= kPages * kPageSize ? dst + gpa : nullptr;
+  };
+  std::vector<uint8_t> zeros(kPages * kPageSize, 0);
+  GpaResolver source = [&](uint64_t gpa, uint64_t len) -> uint8_t* {
+    return gpa + len <= zeros.size() ? zeros.data() + gpa : nullptr;
+  };
+  auto [a, b] = mem_socket_pair();
+  PageBatchSender sender(*a, kWireVersion, source);
+  PageBatchReceiver receiver(*b, layout, target);
+  receiver.set_anonymous_target(true);
+  std::vector<PageRun> runs = {{0, static_cast<uint32_t>(kPages)}};
+  auto sent = sender.send(1, runs);
+  ASSERT_TRUE(sent.ok()) << sent.error().message;
+  ASSERT_EQ(sent->zero_pages, kPages);
+  auto msg = read_message(*b, kWireVersion, {});
+  ASSERT_TRUE(msg.ok());
+  auto got = receiver.receive(msg->header);
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  EXPECT_EQ(got->zero_pages, kPages);
+  std::vector<unsigned char> resident(kPages);
+  ASSERT_EQ(0, ::mincore(map, kPages * kPageSize, resident.data()));
+  for (uint64_t p = 0; p < kPages; ++p) EXPECT_FALSE(resident[p] & 1) << "page " << p << " was allocated";
+  for (uint64_t i = 0; i < kPages * kPageSize; ++i) ASSERT_EQ(dst[i], 0) << "byte " << i;
+  ::munmap(map, kPages * kPageSize);
 }
 
 TEST(MemPages, HostileBatchesAreRejectedBeforeAnyWrite) {
