@@ -7,6 +7,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -52,6 +54,28 @@ inline CliRun run_kvmig(const std::string& args) {
   if (out_fd >= 0) ::close(out_fd), ::unlink(out_path);
   if (err_fd >= 0) ::close(err_fd), ::unlink(err_path);
   return r;
+}
+
+// Runs a shell command with stdout and stderr merged; status -1 when it did not exit normally.
+struct ShellRun {
+  int status = -1;
+  std::string out;
+};
+inline ShellRun run_shell(const std::string& cmd) {
+  ShellRun r;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  int st = ::pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+// Whether PROG is on PATH.
+inline bool have_program(const char* prog) {
+  return run_shell(std::string("command -v ") + prog + " >/dev/null").status == 0;
 }
 
 }  // namespace kvmig::test

@@ -24,30 +24,17 @@
 #include "host/libvirt_placeholder.h"
 #include "host/site_db.h"
 #include "host/site_records.h"
+#include "test_util.h"
 
 namespace {
 
 using namespace kvmig::host;
 namespace fs = std::filesystem;
 
-struct Output {
-  int status = -1;
-  std::string out;
-};
-
-Output run(const std::string& cmd) {
-  Output r;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  int st = ::pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
-
-bool have(const char* prog) { return run(std::string("command -v ") + prog + " >/dev/null").status == 0; }
+using Output = kvmig::test::ShellRun;
+using kvmig::test::have_program;
+Output run(const std::string& cmd) { return kvmig::test::run_shell(cmd); }
+bool have(const char* prog) { return have_program(prog); }
 
 std::string slurp(const std::string& path) {
   std::ifstream f(path);
