@@ -49,6 +49,7 @@ row() {  # name seconds note
 }
 
 echo "image: ${SIZE_MIB} MiB, $((DATA / 1048576)) MiB data, rest holes; fio write ${FIO_W} MiB/s, read ${FIO_R} MiB/s"
+echo "load before the copies: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
 echo
 echo '| tool                         |       s | image MiB/s | data MiB/s | notes |'
 echo '|------------------------------|---------|-----------|------------|-------|'
@@ -67,7 +68,7 @@ evict "$IMG"
 T0=$(now)
 "$KVMIG" disk copy "$IMG" "127.0.0.1:$PORT:kvmig.img" --json >"$DIR/kvmig.json"
 T1=$(now)
-row "kvmig disk copy (loopback)" "$(echo "$T1 - $T0" | bc)" "verified XXH3, $(du -B1M "$DIR/root/kvmig.img" | cut -f1) MiB allocated"
+row "kvmig disk copy (loopback)" "$(echo "$T1 - $T0" | bc)" "verified digest, $(du -B1M "$DIR/root/kvmig.img" | cut -f1) MiB allocated"
 
 evict "$IMG"
 T0=$(now)

@@ -13,7 +13,8 @@
 # Usage: bench/migrate_vs_qemu.sh [--qemu-only] [--kvmig-only] [--scenarios "idle hot256 hot1g"]
 # Env: BUILD (build dir, default ./build), ACCEL (kvm|tcg, QEMU only), MEMORY (1280M),
 #      TIMEOUT (s per migration, 60), QEMU_MAX_BANDWIDTH (bytes/s, default QEMU's 128 MiB/s),
-#      OUT (results directory, default $BUILD/bench-results).
+#      OUT (results directory, default $BUILD/bench-results), KVMIG_ARGS (more `kvmig migrate`
+#      options for every kvmig row, e.g. "--compress auto"; named in the config column).
 # Exit: 0 when every requested row ran, 1 when some row could not run (e.g. kvmig's migrate
 # is missing), 2 bad usage. A migration that ran and failed is a result, not an exit error.
 set -euo pipefail
@@ -97,8 +98,9 @@ kvmig_row() {  # scenario config migrate-args...
   fi
   if [ -z "$why" ]; then
     port=$(sed -n 's/.*listening on [^ ]*:\([0-9]*\).*/\1/p' "$dir/receive.log" | head -n1)
+    # shellcheck disable=SC2086  # KVMIG_ARGS is a list of options
     report=$("$KVMIG" migrate "$dir/src.sock" --to "127.0.0.1:$port" --json --no-progress \
-               --timeout "$TIMEOUT" "$@" 2>"$dir/migrate.log" || true)
+               --timeout "$TIMEOUT" "$@" ${KVMIG_ARGS:-} 2>"$dir/migrate.log" || true)
     if [ -z "$report" ] || ! jq -e "type == \"object\"" >/dev/null 2>&1 <<<"$report"; then
       why="kvmig migrate gave no JSON report: $(tr '\n' ' ' <"$dir/migrate.log" | tail -c 300)"
     else
@@ -136,8 +138,8 @@ fi
 if [ $run_kvmig = 1 ]; then
   if why=$(kvmig_available); then
     for s in $scenarios; do
-      kvmig_row "$s" default
-      kvmig_row "$s" "downtime 10 ms" --max-downtime 10
+      kvmig_row "$s" "default${KVMIG_ARGS:+, $KVMIG_ARGS}"
+      kvmig_row "$s" "downtime 10 ms${KVMIG_ARGS:+, $KVMIG_ARGS}" --max-downtime 10
     done
   else
     not_run+=("kvmig rows: NOT RUN: $why")
@@ -150,7 +152,7 @@ echo "| scenario | tool | config | result | total ms | downtime ms | setup ms | 
 echo "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 jq -r '[.scenario, .tool, .config, .result,
         (.total_ms|floor), (if .downtime_ms == null then "-" else (.downtime_ms*10|round/10) end),
-        (.setup_ms|floor), (.bytes/1048576|floor), .iterations, .pages, .zero_pages,
+        (.setup_ms|floor), (.bytes/1048576*10|round/10), .iterations, .pages, .zero_pages,
         (.dirty_rate/1e6|round), (.bandwidth_mbps|round)] | "| " + (map(tostring) | join(" | ")) + " |"' \
   <(jq -s -c 'sort_by(({"idle": 0, "hot256": 1, "hot1g": 2}[.scenario] // 9), .config, .tool) | .[]' "$results")
 echo

@@ -3,8 +3,10 @@
 // `kvmig hook qemu [--site DIR] [--] DOMAIN OP SUBOP EXTRA` (libvirt runs it, domain XML on
 // stdin): checks the XML and records migrate/prepare/started/stopped/release of the domains
 // carrying kvmig's metadata in the site (host/libvirt_hook.h). It never calls libvirt and
-// prints nothing on stdout. Exit status: 0 recorded or nothing to record, 1 the site could not
-// be written, 125 bad arguments or bad XML (then nothing is written).
+// prints nothing on stdout. An incoming domain whose migration this site recorded aborted is
+// refused (libvirt then refuses the migration). Exit status: 0 recorded or nothing to record,
+// 1 the site could not be written or the migration was fenced, 125 bad arguments or bad XML
+// (then nothing is written).
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -65,6 +67,7 @@ void run_qemu_hook(const HookOptions& opt) {
   auto db = SiteDb::open(opt.site, false);
   if (!db.ok()) fail(kSiteError, db.error().message);
   if (auto r = record_hook_event(**db, **event); !r.ok()) fail(kSiteError, r.error().message);
+  if (auto r = check_not_fenced(**db, **event); !r.ok()) fail(kSiteError, r.error().message);
 }
 
 }  // namespace

@@ -37,7 +37,10 @@ struct MigrateOptions {
   // Several streams by default: the destination's first touch of each page is the slow part
   // of round 1, and N streams fault pages in on N threads.
   int streams = 4;
-  bool compress = false;
+  // Off by default: a compressed round fits in the socket buffers, so the source no longer
+  // feels how far the destination lags behind (decompressing, faulting in memory) and pays
+  // for it at READY, in downtime (docs/benchmarks.md). On once rounds are acknowledged.
+  std::string compress = "off";
   bool verify = false;
   std::string tracking = "bitmap";
   std::string granularity = "4K";
@@ -141,7 +144,10 @@ void add_migrate_command(CLI::App& app) {
   cmd->add_option("vm", opt->control, "The VM's control socket")->required();
   cmd->add_option("--to", opt->to, "Destination: HOST:PORT or unix:PATH")->required();
   cmd->add_option("--streams", opt->streams, "Data streams (1..16, default 4)")->check(CLI::Range(1, 16));
-  cmd->add_flag("--compress", opt->compress, "zstd-compress page batches that shrink");
+  cmd->add_option("--compress", opt->compress,
+                  "zstd on page batches: off (default), auto (where it shrinks them and saves time), on "
+                  "(wherever it shrinks them)")
+      ->check(CLI::IsMember({"auto", "on", "off"}));
   cmd->add_flag("--verify", opt->verify, "Compare an XXH3 of all guest RAM before COMMIT");
   cmd->add_option("--dirty-tracking", opt->tracking, "bitmap (default) or ring");
   cmd->add_option("--trace-granularity", opt->granularity, "Dirty trace unit, 4K..2M (default 4K)");

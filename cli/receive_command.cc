@@ -6,6 +6,8 @@
 // With --site DIR (a site made by `kvmig site init`; it is not created here, see
 // host/micro_vm_site.h) the session records migration_started and the placeholder before
 // HELLO_ACK, migration_completed before the VM's first instruction, aborted on failure.
+// With --disk PATH (once per disk of the source VM) the VM's disks move with it: each copy is
+// opened (created) when the source declares its disks, long before the source pauses.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -16,6 +18,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "helper/migration_destination.h"
 #include "helper/transport.h"
@@ -38,6 +41,7 @@ struct ReceiveOptions {
   bool no_control = false;
   int accept_timeout_s = 0;
   std::string site;
+  std::vector<std::string> disks;  // the copies of the source VM's disks, in its disk order
 };
 
 // ReceivedMachine does not say which VM arrived; the session's events do. Forwards to the
@@ -48,7 +52,11 @@ class ReceivedIdentity : public kvmig::helper::SessionEvents {
   kvmig::Result<void> on_started(const kvmig::helper::SessionVm& vm) override {
     if (site_) KVMIG_TRY(site_->on_started(vm));
     uuid_ = vm.uuid;
+    name_ = vm.name;
     return kvmig::ok();
+  }
+  kvmig::Result<void> on_round(const kvmig::helper::SessionVm& vm) override {
+    return site_ ? site_->on_round(vm) : kvmig::ok();
   }
   kvmig::Result<void> on_completed(const kvmig::helper::SessionVm& vm) override {
     return site_ ? site_->on_completed(vm) : kvmig::ok();
@@ -57,10 +65,12 @@ class ReceivedIdentity : public kvmig::helper::SessionEvents {
     return site_ ? site_->on_aborted(vm, reason) : kvmig::ok();
   }
   const std::array<uint8_t, 16>& uuid() const { return uuid_; }
+  const std::string& name() const { return name_; }
 
  private:
   kvmig::host::MicroVmSite* site_;
   std::array<uint8_t, 16> uuid_{};
+  std::string name_;  // from HELLO: the VM migrates on under it
 };
 
 [[noreturn]] void fail(int status, const std::string& message) {
@@ -92,6 +102,7 @@ int run_receive(const ReceiveOptions& opt) {
   dopt.console_path = opt.console;
   dopt.start_time = start;
   dopt.events = &identity;
+  dopt.disk_paths = opt.disks;
   auto got = kvmig::helper::receive_machine(*conn, dopt);
   if (!got.ok()) fail(kFailed, "migration failed, nothing kept: " + got.error().message);
   kvmig::kvm::Machine& vm = *got->machine;
@@ -104,10 +115,13 @@ int run_receive(const ReceiveOptions& opt) {
                got->migration_id.c_str(), kvmig::host::uuid_text(identity.uuid()).c_str(), got->rounds, (unsigned long long)got->pages,
                (unsigned long long)got->zero_pages, got->verified ? "memory verified" : "not verified",
                resumed_us, got->commit_to_resume_ms);
+  if (!opt.disks.empty())
+    std::fprintf(stderr, "kvmig: receive: disks: %llu bytes written, final sync %.3f ms (in the pause)\n",
+                 (unsigned long long)got->disk_bytes, got->disk_sync_ms);
 
   kvmig::host::ControlServer control;
   kvmig::host::register_machine_commands(control, vm);
-  kvmig::host::register_migrate_commands(control, vm, {identity.uuid(), site.get()});
+  kvmig::host::register_migrate_commands(control, vm, {identity.uuid(), site.get(), identity.name()});
   kvmig::cli::register_state_commands(control, vm);
   if (!opt.no_control) {
     std::string path = opt.control.empty() ? kvmig::host::ControlServer::default_path() : opt.control;
@@ -140,6 +154,9 @@ void add_receive_command(CLI::App& app) {
   cmd->add_option("--control", opt->control, "Control socket path once the VM runs (default /run/kvmig/vm-<pid>.sock)");
   cmd->add_flag("--no-control", opt->no_control, "Do not open a control socket");
   cmd->add_option("--site", opt->site, "Record the migration in this site (made by `kvmig site init`)");
+  cmd->add_option("--disk", opt->disks,
+                  "Where the copy of the source VM's next disk goes (repeat, in its disk order): a new or "
+                  "empty file, created at the disk's size (docs/disk-migration.md)");
   cmd->callback([opt] {
     int status = run_receive(*opt);
     if (status != 0) throw CLI::RuntimeError(status);

@@ -3,6 +3,7 @@
 // migrated -> destination fenced, source resumed if paused; migrated -> source destroyed and
 // released; in doubt -> nothing. Exit status: 0 every VM runs exactly once where its verdict
 // says, 3 some VM in doubt or not recoverable (reported), 1 a site unreadable, 125 bad input.
+// With --libvirt and --source-libvirt the VMs are libvirt domains (cli/domain_recovery_command.h).
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <memory>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "cli/command_args.h"
+#include "cli/domain_recovery_command.h"
 #include "host/recovery.h"
 #include "host/site_db.h"
 
@@ -26,6 +28,7 @@ struct RecoverOptions {
   std::vector<std::string> vms;
   bool dry_run = false;
   bool json = false;
+  std::string libvirt, source_libvirt;  // libvirt domains: cli/domain_recovery_command.h
 };
 
 [[noreturn]] void fail(int status, const std::string& message) {
@@ -41,6 +44,9 @@ std::unique_ptr<kvmig::host::SiteDb> open_site(const std::string& dir, const cha
 int run_recover(RecoverOptions opt) {
   using namespace kvmig::host;
   kvmig::cli::check_vm_selection("recover", kUsage, opt.migration, true, opt.vms);
+  if (!opt.libvirt.empty() || !opt.source_libvirt.empty())
+    return kvmig::cli::run_domain_recover({opt.site, opt.source_site, opt.libvirt, opt.source_libvirt, opt.migration,
+                                           opt.vms, opt.json, opt.dry_run});
   // Both sites must be readable: recovery acting on half the picture is how a VM ends up
   // running twice.
   auto dest_db = open_site(opt.site, "--site");
@@ -97,6 +103,8 @@ void add_recover_command(CLI::App& app) {
   cmd->add_option("--vm", opt->vms, "A VM UUID of the migration, even if the destination never recorded it");
   cmd->add_flag("--dry-run", opt->dry_run, "Only print what would be done");
   cmd->add_flag("--json", opt->json, "Print JSON on stdout");
+  cmd->add_option("--libvirt", opt->libvirt, "libvirt domains: the destination's libvirt URI (with --source-libvirt)");
+  cmd->add_option("--source-libvirt", opt->source_libvirt, "libvirt domains: the source's libvirt URI (with --libvirt)");
   cmd->callback([opt] {
     int status = run_recover(*opt);
     if (status != 0) throw CLI::RuntimeError(status);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cli/command_args.h"
+#include "cli/domain_recovery_command.h"
 #include "host/libvirt_placeholder.h"
 #include "host/placeholder_union.h"
 #include "host/recovery.h"
@@ -28,6 +29,7 @@ struct StatusOptions {
   std::string migration;
   std::vector<std::string> vms;
   std::string libvirt;  // the destination's libvirtd: its domains are placeholders too
+  std::string source_libvirt;  // the source's libvirtd: libvirt domains, cli/domain_recovery_command.h
   bool json = false;
 };
 
@@ -39,6 +41,11 @@ int run_status(StatusOptions opt) {
   using namespace kvmig::host;
   kvmig::cli::check_vm_selection("status", kUsage, opt.migration, false, opt.vms);
   if (!opt.vms.empty() && opt.migration.empty()) fail(kUsage, "--vm needs --migration");
+  if (!opt.source_libvirt.empty()) {
+    if (opt.migration.empty()) fail(kUsage, "--source-libvirt needs --migration");
+    return kvmig::cli::run_domain_status({opt.site, opt.source_site, opt.libvirt, opt.source_libvirt, opt.migration,
+                                          opt.vms, opt.json, false});
+  }
 
   std::vector<VmStatus> statuses;
   auto dest = SiteDb::open(opt.site, false);
@@ -130,6 +137,7 @@ void add_status_command(CLI::App& app) {
   cmd->add_option("--migration", opt->migration, "Only this migration id (default: every migration recorded)");
   cmd->add_option("--vm", opt->vms, "A VM UUID of the migration, even if the destination never recorded it");
   cmd->add_option("--libvirt", opt->libvirt, "The destination's libvirt URI: its domains are placeholders too");
+  cmd->add_option("--source-libvirt", opt->source_libvirt, "The source's libvirt URI: status of libvirt domains (needs --libvirt, --source-site)");
   cmd->add_flag("--json", opt->json, "Print JSON on stdout");
   cmd->callback([opt] {
     int status = run_status(*opt);

@@ -44,6 +44,7 @@ struct VmRunOptions {
   std::string site;
   std::string uuid;
   std::string name;
+  std::vector<std::string> disks;
 };
 
 [[noreturn]] void fail(const std::string& message) {
@@ -121,6 +122,7 @@ int run_vm(const VmRunOptions& opt, std::chrono::steady_clock::time_point start)
     if (!s.ok()) fail("--site: " + s.error().message);
     site = std::move(*s);
     identity.events = site.get();
+    identity.vm_name = opt.name;
     if (uuid.empty()) uuid = kvmig::host::random_uuid();
   }
   if (!uuid.empty()) {
@@ -140,6 +142,7 @@ int run_vm(const VmRunOptions& opt, std::chrono::steady_clock::time_point start)
   if (!machine.ok()) fail(machine.error().message);
   Machine& vm = **machine;
   if (auto r = vm.load_kernel(opt.kernel, opt.cmdline); !r.ok()) fail(r.error().message);
+  kvmig::cli::attach_disks(vm, opt.disks);
   if (opt.verbose) std::fprintf(stderr, "kvmig: vm: cmdline '%s'\n", vm.cmdline().c_str());
 
   kvmig::host::ControlServer control;
@@ -179,7 +182,10 @@ int run_vm(const VmRunOptions& opt, std::chrono::steady_clock::time_point start)
   auto status = vm.wait();
   control.stop();
   if (site) site->leave();
-  if (opt.verbose) print_stats(vm);
+  if (opt.verbose) {
+    print_stats(vm);
+    kvmig::cli::print_disk_stats(vm);
+  }
   if (!status.ok()) fail(status.error().message);
   return *status;
 }
@@ -204,6 +210,9 @@ void add_vm_command(CLI::App& app) {
   run->add_option("--site", opt->site, "Register the VM in this site (made by `kvmig site init`) for status/recover");
   run->add_option("--uuid", opt->uuid, "The VM's UUID (default: a new one with --site); carried to the destination");
   run->add_option("--name", opt->name, "The VM's name in the site registry (needs --site; default its UUID)");
+  run->add_option("--disk", opt->disks,
+                  "Attach a disk: PATH[,block=SIZE] (raw image or block device; block = write-tracking "
+                  "granularity, 4K..2M, default 64K); repeatable, up to 4");
   run->add_flag("-v,--verbose", opt->verbose, "Print boot timing and exit counters on stderr");
   run->callback([opt] {
     auto start = std::chrono::steady_clock::now();

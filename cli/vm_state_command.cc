@@ -7,11 +7,15 @@
 #include <stdlib.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 
 #include "host/machine_control.h"
+#include "host/micro_vm_site.h"
 #include "host/migrate_command.h"
+#include "host/site_records.h"
+#include "kvm/block_device.h"
 #include "kvm/machine_snapshot.h"
 #include "kvm/state_file.h"
 
@@ -38,6 +42,11 @@ struct RestoreOptions {
   std::string console;
   std::string control;
   bool no_control = false;
+  std::string site;  // as `vm run --site`: registered there, so status/recover reach it
+  std::string uuid;
+  std::string name;
+  std::vector<std::string> disks;
+  bool verbose = false;
 };
 
 // The VM process has its own working directory: send it an absolute path.
@@ -67,6 +76,31 @@ void run_save(const SaveOptions& opt) {
 }
 
 int run_restore(const RestoreOptions& opt) {
+  // Identity and site before anything is built, as `vm run` checks them.
+  std::string uuid = opt.uuid;
+  if (!uuid.empty()) {
+    auto u = host::canonical_uuid(uuid);
+    if (!u.ok()) fail("--uuid: " + u.error().message);
+    uuid = *u;
+  }
+  if (!opt.name.empty() && opt.site.empty()) fail("--name needs --site (the name lives in the site's registry)");
+  if (opt.name.size() > 255) fail("--name: at most 255 characters");
+  std::unique_ptr<host::MicroVmSite> site;
+  host::MigrateIdentity identity;
+  if (!opt.site.empty()) {
+    if (opt.no_control) fail("--site needs a control socket: recovery stops and resumes the VM through it");
+    auto s = host::MicroVmSite::open(opt.site);
+    if (!s.ok()) fail("--site: " + s.error().message);
+    site = std::move(*s);
+    identity.events = site.get();
+    identity.vm_name = opt.name;
+    if (uuid.empty()) uuid = host::random_uuid();
+  }
+  if (!uuid.empty()) {
+    auto bytes = host::uuid_bytes(uuid);
+    if (!bytes.ok()) fail("--uuid: " + bytes.error().message);
+    identity.vm_uuid = *bytes;
+  }
   auto reader = kvm::StateFileReader::open(opt.file);
   if (!reader.ok()) fail(reader.error().message);
   auto config = kvm::read_machine_config(*reader);
@@ -76,6 +110,9 @@ int run_restore(const RestoreOptions& opt) {
   auto machine = kvm::Machine::create(*config);
   if (!machine.ok()) fail(machine.error().message);
   kvm::Machine& vm = **machine;
+  // The disks' contents are not in the state file, only their ring positions: the same
+  // disks must be attached, in the same order, before the state is restored.
+  attach_disks(vm, opt.disks);
   auto stats = kvm::restore_machine(*reader, vm);
   if (!stats.ok()) fail(stats.error().message);
   std::fprintf(stderr, "kvmig: restored %s: %.2f GiB guest, %.1f MiB of pages, %.3f s (%.2f GB/s)\n",
@@ -85,23 +122,63 @@ int run_restore(const RestoreOptions& opt) {
 
   host::ControlServer control;
   host::register_machine_commands(control, vm);
-  host::register_migrate_commands(control, vm);
+  host::register_migrate_commands(control, vm, identity);
   register_state_commands(control, vm);
   if (!opt.no_control) {
     std::string path = opt.control.empty() ? host::ControlServer::default_path() : opt.control;
     if (auto r = control.start(path); !r.ok()) {
       if (!opt.control.empty()) fail("--control: " + r.error().message);
+      if (site) fail("--site: no control socket: " + r.error().message);
       std::fprintf(stderr, "kvmig: warning: no control socket: %s\n", r.error().message.c_str());
     }
   }
-  if (auto r = vm.start(); !r.ok()) fail(r.error().message);
+  if (site) {
+    std::error_code ec;
+    std::string socket = std::filesystem::absolute(control.path(), ec).string();
+    if (ec) socket = control.path();
+    if (auto r = site->register_running(uuid, opt.name, socket); !r.ok()) {
+      control.stop();
+      fail("--site: " + r.error().message);
+    }
+    std::fprintf(stderr, "kvmig: vm: %s registered at site %s\n", uuid.c_str(), opt.site.c_str());
+  }
+  if (auto r = vm.start(); !r.ok()) {
+    control.stop();
+    if (site) site->leave();
+    fail(r.error().message);
+  }
   auto status = vm.wait();
   control.stop();
+  if (site) site->leave();
+  if (opt.verbose) print_disk_stats(vm);
   if (!status.ok()) fail(status.error().message);
   return *status;
 }
 
 }  // namespace
+
+void attach_disks(kvm::Machine& machine, const std::vector<std::string>& specs) {
+  for (const std::string& text : specs) {
+    auto spec = kvm::parse_disk_spec(text);
+    if (!spec.ok()) fail("--disk: " + spec.error().message);
+    auto index = machine.attach_disk(spec->path, spec->block_bytes);
+    if (!index.ok()) fail("--disk: " + index.error().message);
+  }
+}
+
+void print_disk_stats(kvm::Machine& machine) {
+  for (size_t i = 0; i < machine.disks().size(); ++i) {
+    kvm::BlockDevice& d = machine.disk(i);
+    kvm::BlockDeviceStats s = d.stats();
+    std::fprintf(stderr,
+                 "kvmig: disk %zu (%s, %s): reads=%llu (%.1f MiB) writes=%llu (%.1f MiB) flushes=%llu "
+                 "bad_requests=%llu io_errors=%llu ring_errors=%llu\n",
+                 i, d.path().c_str(), d.direct() ? "O_DIRECT" : "buffered", (unsigned long long)s.reads,
+                 s.bytes_read / 1048576.0, (unsigned long long)s.writes, s.bytes_written / 1048576.0,
+                 (unsigned long long)s.flushes, (unsigned long long)s.bad_requests, (unsigned long long)s.io_errors,
+                 (unsigned long long)s.ring_errors);
+  }
+}
 
 void register_state_commands(host::ControlServer& server, kvm::Machine& machine) {
   server.register_command("save", [&machine](const nlohmann::json& req) -> Result<nlohmann::json> {
@@ -153,6 +230,13 @@ void add_vm_state_commands(CLI::App& app) {
   restore->add_option("--console", restore_opt->console, "Write the guest's console to this file (default stdout)");
   restore->add_option("--control", restore_opt->control, "Control socket path (default /run/kvmig/vm-<pid>.sock)");
   restore->add_flag("--no-control", restore_opt->no_control, "Do not open a control socket");
+  restore->add_option("--site", restore_opt->site,
+                      "Register the VM in this site (made by `kvmig site init`) for status/recover, as `vm run --site`");
+  restore->add_option("--uuid", restore_opt->uuid, "The VM's UUID (default: a new one with --site)");
+  restore->add_option("--name", restore_opt->name, "The VM's name in the site registry (needs --site)");
+  restore->add_option("--disk", restore_opt->disks,
+                      "Disk PATH[,block=SIZE], as given to `vm run` (the state file holds no disk contents)");
+  restore->add_flag("-v,--verbose", restore_opt->verbose, "Print disk counters on stderr at the end");
   restore->callback([restore_opt] {
     int status = run_restore(*restore_opt);
     if (status != 0) throw CLI::RuntimeError(status);

@@ -19,4 +19,10 @@ void add_vm_state_commands(CLI::App& app);
 // `kvmig vm run` and `kvmig vm restore` both call this.
 void register_state_commands(host::ControlServer& server, kvm::Machine& machine);
 
+// Attaches each --disk "PATH[,block=SIZE]" to MACHINE, in order (disk 0, 1, ..); on a bad
+// spec or image prints one line and exits with 125.
+void attach_disks(kvm::Machine& machine, const std::vector<std::string>& specs);
+// "; disk N: R reads, W writes, ..." counters for --verbose.
+void print_disk_stats(kvm::Machine& machine);
+
 }  // namespace kvmig::cli

@@ -15,21 +15,13 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "helper/disk_chain_sink.h"
 #include "helper/disk_extents.h"
 #include "helper/disk_messages.h"
 #include "helper/uring_engine.h"
 
 namespace kvmig::helper {
 namespace {
-
-// openat2 with RESOLVE_BENEATH: no "..", absolute path or symlink leads outside `dir`.
-int open_beneath(int dir, const std::string& path, uint64_t flags, mode_t mode = 0) {
-  open_how how{};
-  how.flags = flags | O_CLOEXEC;
-  how.mode = (flags & O_CREAT) ? mode : 0;
-  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
-  return static_cast<int>(::syscall(SYS_openat2, dir, path.c_str(), &how, sizeof how));
-}
 
 Error sink_error(WireCode code, const std::string& text) { return wire_error(code, text); }
 
@@ -38,9 +30,9 @@ class Sink {
   Sink(int root, Connection& c, const DiskSinkOptions& o)
       : root_(root), control_(*c.control), data_(*c.data[0]), options_(o) {}
 
-  Result<DiskSinkReport> run() {
+  Result<DiskSinkReport> run(const DiskMessage& first) {
     auto start = std::chrono::steady_clock::now();
-    auto result = serve();
+    auto result = serve(first);
     report_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!result.ok()) {
       // Keep what is durable: drain, sync and record how far we got (unless a write failed,
@@ -61,14 +53,7 @@ class Sink {
   }
 
  private:
-  Result<void> serve() {
-    if (auto* s = dynamic_cast<FdStream*>(&data_)) {
-      timeval tv{options_.idle_timeout_s, 0};
-      ::setsockopt(s->fd(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    }
-    KVMIG_ASSIGN(DiskMessage m, read_disk(data_));
-    if (m.type() != DiskMsg::open)
-      return sink_error(WireCode::unexpected, std::string(disk_msg_name(m.type())) + " before OPEN");
+  Result<void> serve(const DiskMessage& m) {
     KVMIG_ASSIGN(open_, decode_disk_open(m.payload));
     report_.path = open_.path;
     report_.image_size = open_.image_size;
@@ -249,10 +234,10 @@ class Sink {
     while (free_.empty()) KVMIG_TRY(reap_one());
     while (auto c = engine_->poll()) KVMIG_TRY(finish_write(static_cast<unsigned>(c->tag), c->result));
     unsigned buf = free_.back();
-    KVMIG_ASSIGN(DiskRange r, read_extent_into(data_, header, engine_->buffer(buf)));
+    KVMIG_ASSIGN(DiskRange r, read_extent_into(data_, header, engine_->buffer(buf), &hashes_));
     KVMIG_TRY(check_range(r, "EXTENT"));
     free_.pop_back();
-    XXH3_64bits_update(&hash_, engine_->buffer(buf).data(), r.length);
+    digest_blocks(&hash_, hashes_);
     offsets_[buf] = {r.offset, r.length};
     bool aligned = (r.offset | r.length) % 4096 == 0;
     int fd = direct_ && aligned ? direct_.get() : file_.get();
@@ -266,12 +251,14 @@ class Sink {
   Result<void> on_zero(const DiskMessage& msg) {
     KVMIG_ASSIGN(DiskRange r, decode_disk_range(msg.payload, disk_msg_name(msg.type())));
     KVMIG_TRY(check_range(r, disk_msg_name(msg.type())));
-    // A fresh file is a hole past pos_ already. A resumed one may hold unacknowledged bytes
-    // of the earlier connection there: punch them out (or write zeros where punching is not
-    // supported).
-    if (!fresh_ &&
+    // A kvmig delta's zeros are its own (its holes would show the parent): write them.
+    // Otherwise a fresh file is a hole past pos_ already, and a resumed one may hold
+    // unacknowledged bytes of the earlier connection there: punch them out (or write zeros
+    // where punching is not supported).
+    bool keep = msg.type() == DiskMsg::zero && (open_.flags & kOpenKeepAllocation);
+    if (keep || (!fresh_ &&
         ::fallocate(file_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                    static_cast<off_t>(r.offset), static_cast<off_t>(r.length)) != 0) {
+                    static_cast<off_t>(r.offset), static_cast<off_t>(r.length)) != 0)) {
       static const std::vector<uint8_t> zeros(1 << 20);
       for (uint64_t done = 0; done < r.length;) {
         size_t n = std::min<uint64_t>(zeros.size(), r.length - done);
@@ -329,9 +316,18 @@ class Sink {
   std::unique_ptr<UringEngine> engine_;
   std::vector<std::pair<uint64_t, uint64_t>> offsets_;  // per buffer: the write it carries
   std::vector<unsigned> free_;
+  std::vector<uint64_t> hashes_;  // the current EXTENT's block hashes
 };
 
 }  // namespace
+
+int open_beneath(int dir, const std::string& path, uint64_t flags, mode_t mode) {
+  open_how how{};
+  how.flags = flags | O_CLOEXEC;
+  how.mode = (flags & O_CREAT) ? mode : 0;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+  return static_cast<int>(::syscall(SYS_openat2, dir, path.c_str(), &how, sizeof how));
+}
 
 Result<Fd> open_disk_root(const std::string& root) {
   Fd fd(::open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
@@ -343,8 +339,29 @@ Result<DiskSinkReport> receive_disk(int root_fd, Connection& connection,
                                     const DiskSinkOptions& options) {
   if (!connection.control || connection.data.empty())
     return Error{"disk serve needs a control and a data stream"};
-  Sink sink(root_fd, connection, options);
-  return sink.run();
+  if (auto* s = dynamic_cast<FdStream*>(connection.data[0].get())) {
+    timeval tv{options.idle_timeout_s, 0};
+    ::setsockopt(s->fd(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  }
+  Stream& control = *connection.control;
+  auto first = read_disk(*connection.data[0]);
+  if (!first.ok()) {
+    (void)send_disk_error(control, first.error());
+    return first.error();
+  }
+  switch (first->type()) {
+    case DiskMsg::open: {
+      Sink sink(root_fd, connection, options);
+      return sink.run(*first);
+    }
+    case DiskMsg::chain:
+    case DiskMsg::link: return serve_disk_chain(root_fd, control, *first, options);
+    default: {
+      Error e = sink_error(WireCode::unexpected, std::string(disk_msg_name(first->type())) + " before OPEN");
+      (void)send_disk_error(control, e);
+      return e;
+    }
+  }
 }
 
 }  // namespace kvmig::helper

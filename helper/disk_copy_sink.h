@@ -9,10 +9,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "base/fd.h"
 #include "base/result.h"
+#include "helper/disk_messages.h"
 #include "helper/transport.h"
 
 namespace kvmig::helper {
@@ -24,10 +26,15 @@ struct DiskSinkOptions {
   bool direct = true;              // try O_DIRECT, fall back to buffered writes
   uint64_t ack_every = 64 << 20;   // bytes of progress between fdatasync + ACK
   int idle_timeout_s = 120;        // a silent source for this long ends the connection
+  // Points `child` at `parent` (paths relative to the root, both checked to lie beneath it):
+  // a qcow2 header or a kvmig delta descriptor. Supplied by the server command, because
+  // qcow2 needs qemu-img (host knowledge); without it a LINK is refused.
+  std::function<Result<void>(const DiskChainLayer& child, const DiskChainLayer& parent)> relink;
 };
 
 struct DiskSinkReport {
-  std::string path;            // relative to the root
+  DiskMsg request = DiskMsg::open;  // OPEN (a copy), CHAIN (a query) or LINK
+  std::string path;            // relative to the root (CHAIN / LINK: the top layer)
   uint64_t image_size = 0;
   uint64_t resumed_from = 0;
   uint64_t end_offset = 0;     // verified: the size; stopped / failed: the durable offset
@@ -40,10 +47,14 @@ struct DiskSinkReport {
   double seconds = 0;
 };
 
+// openat2 with RESOLVE_BENEATH: no "..", absolute path or symlink leads outside `dir`.
+int open_beneath(int dir, const std::string& path, uint64_t flags, mode_t mode = 0);
+
 // The root as a directory fd every destination is resolved beneath.
 Result<Fd> open_disk_root(const std::string& root);
 
-// Serves one connection to its end. On failure the error has been sent to the source when
+// Serves one connection to its end: a copy (OPEN), or a chain query or link
+// (helper/disk_chain_sink.h). On failure the error has been sent to the source when
 // the connection still allowed it, and the marker holds the last durable offset.
 Result<DiskSinkReport> receive_disk(int root_fd, Connection& connection,
                                     const DiskSinkOptions& options);

@@ -111,6 +111,16 @@ struct Pipeline {
   XXH3_state_t& hash;
   UringEngine& engine;
 
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  std::vector<uint64_t> hashes;  // one EXTENT's block hashes, for the image digest
+
+  // --max-rate: sleep until `sent` bytes are due, so the copy spares the network and disks.
+  void pace(uint64_t sent) {
+    auto due = started + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                             std::chrono::duration<double>(static_cast<double>(sent) / options.max_rate));
+    std::this_thread::sleep_until(due);
+  }
+
   struct Slot {
     size_t item = 0;
     int buf = -1;  // -1: a hole, nothing to read
@@ -185,18 +195,26 @@ struct Pipeline {
       for (const ZeroRun& run : split_zero_blocks(bytes, item.offset, options.block_size)) {
         if (run.zero) {
           KVMIG_TRY(send_disk(data, DiskMsg::zero, encode_range({run.offset, run.length})));
+          hash_zeros(&hash, run.length);
           report.zero_bytes += run.length;
         } else {
-          KVMIG_TRY(send_extent(data, run.offset, bytes.subspan(run.offset - item.offset, run.length)));
+          hashes.clear();
+          KVMIG_TRY(send_extent(data, run.offset, bytes.subspan(run.offset - item.offset, run.length), &hashes));
+          digest_blocks(&hash, hashes);
           report.data_bytes += run.length;
           sent += run.length;
         }
       }
-      XXH3_64bits_update(&hash, bytes.data(), bytes.size());
       free_bufs.push_back(static_cast<unsigned>(slot.buf));
+      if (options.max_rate) pace(sent);
     }
   }
 };
+
+uint32_t open_flags(const DiskSourceOptions& o) {
+  return (o.overwrite ? kOpenOverwrite : 0u) | (o.keep_allocation ? kOpenKeepAllocation : 0u) |
+         (o.any_size ? kOpenAnySize : 0u);
+}
 
 }  // namespace
 
@@ -228,7 +246,7 @@ Result<DiskImage> open_disk_image(const std::string& path, const DiskSourceOptio
     return Error{"image " + path + " is " + std::to_string(image.size) + " bytes, declared " +
                  std::to_string(options.expect_size) +
                  (image.size < options.expect_size ? " (shorter than declared)" : "")};
-  if (image.size == 0 || image.size % kDiskSectorSize != 0)
+  if (image.size == 0 || (image.size % kDiskSectorSize != 0 && !options.any_size))
     return Error{"image " + path + ": size " + std::to_string(image.size) +
                  " is not a non-zero multiple of 512 bytes (not aligned)"};
   image.content_id = disk_content_id(image.fd.get());
@@ -257,7 +275,7 @@ Result<DiskCopyReport> copy_disk(DiskImage& image, Connection& connection,
   Stream& control = *connection.control;
   Stream& data = *connection.data[0];
   DiskOpen open{image.size,        options.block_size, options.chunk, data_bytes(image.extents),
-                image.content_id,  options.overwrite ? kOpenOverwrite : 0u, dest_path};
+                image.content_id,  open_flags(options), dest_path};
   KVMIG_TRY(validate(open));
   KVMIG_TRY(send_disk(data, DiskMsg::open, encode(open)));
   KVMIG_ASSIGN(DiskMessage first, read_disk(control));

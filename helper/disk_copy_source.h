@@ -26,6 +26,9 @@ struct DiskSourceOptions {
   bool direct = true;              // try O_DIRECT, fall back to buffered reads
   bool overwrite = false;          // the destination may replace an existing complete file
   uint64_t expect_size = 0;        // declared image size; 0 = take the file's
+  bool keep_allocation = false;    // a kvmig delta: zero blocks must stay allocated there
+  bool any_size = false;           // a qcow2 layer file: any size, not only multiples of 512
+  uint64_t max_rate = 0;           // data bytes sent per second at most; 0 = no limit
   // Test-only: shut the connection down once this many data bytes went out (0 = never), to
   // prove resume. The CLI applies it to the first connection only.
   uint64_t fault_drop_after = 0;

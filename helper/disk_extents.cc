@@ -94,17 +94,33 @@ std::vector<ZeroRun> split_zero_blocks(std::span<const uint8_t> data, uint64_t o
   return runs;
 }
 
+void block_hashes(std::span<const uint8_t> data, std::vector<uint64_t>& out) {
+  for (size_t pos = 0; pos < data.size(); pos += kDigestBlock)
+    out.push_back(XXH3_64bits(data.data() + pos, std::min(kDigestBlock, data.size() - pos)));
+}
+
+void digest_blocks(XXH3_state_t* state, std::span<const uint64_t> hashes) {
+  XXH3_64bits_update(state, hashes.data(), hashes.size_bytes());
+}
+
 void hash_zeros(XXH3_state_t* state, uint64_t length) {
-  while (length > 0) {
-    size_t n = std::min<uint64_t>(length, kHashChunk);
-    XXH3_64bits_update(state, zero_chunk(), n);
-    length -= n;
+  static const std::vector<uint64_t> zero_blocks(512, XXH3_64bits(zero_chunk(), kDigestBlock));
+  uint64_t blocks = length / kDigestBlock;
+  while (blocks > 0) {
+    size_t n = std::min<uint64_t>(blocks, zero_blocks.size());
+    digest_blocks(state, {zero_blocks.data(), n});
+    blocks -= n;
+  }
+  if (uint64_t rest = length % kDigestBlock) {
+    uint64_t h = XXH3_64bits(zero_chunk(), rest);
+    digest_blocks(state, {&h, 1});
   }
 }
 
 Result<void> hash_prefix(int fd, uint64_t end, XXH3_state_t* state) {
-  KVMIG_ASSIGN(auto extents, scan_extents(fd, end, 1));
+  KVMIG_ASSIGN(auto extents, scan_extents(fd, end, kDigestBlock));
   std::unique_ptr<uint8_t[]> buf(new uint8_t[kHashChunk]);
+  std::vector<uint64_t> hashes;
   for (const Extent& e : extents) {
     if (!e.data) {
       hash_zeros(state, e.length);
@@ -112,13 +128,19 @@ Result<void> hash_prefix(int fd, uint64_t end, XXH3_state_t* state) {
     }
     for (uint64_t pos = e.offset; pos < e.offset + e.length;) {
       size_t want = std::min<uint64_t>(kHashChunk, e.offset + e.length - pos);
-      ssize_t n = ::pread(fd, buf.get(), want, static_cast<off_t>(pos));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return Error::from_errno("pread at " + std::to_string(pos));
-      if (n == 0)
-        return Error{"file ends at " + std::to_string(pos) + ", before " + std::to_string(end)};
-      XXH3_64bits_update(state, buf.get(), static_cast<size_t>(n));
-      pos += static_cast<uint64_t>(n);
+      size_t got = 0;
+      while (got < want) {  // whole blocks only, so each block hashes in one piece
+        ssize_t n = ::pread(fd, buf.get() + got, want - got, static_cast<off_t>(pos + got));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return Error::from_errno("pread at " + std::to_string(pos + got));
+        if (n == 0)
+          return Error{"file ends at " + std::to_string(pos + got) + ", before " + std::to_string(end)};
+        got += static_cast<size_t>(n);
+      }
+      hashes.clear();
+      block_hashes({buf.get(), want}, hashes);
+      digest_blocks(state, hashes);
+      pos += want;
     }
   }
   return ok();

@@ -5,6 +5,7 @@
 #endif
 #include <xxhash.h>
 
+#include "helper/disk_extents.h"
 #include "helper/messages.h"
 
 namespace kvmig::helper {
@@ -47,6 +48,10 @@ const char* disk_msg_name(DiskMsg type) {
     case DiskMsg::done: return "DONE";
     case DiskMsg::verified: return "VERIFIED";
     case DiskMsg::error: return "ERROR";
+    case DiskMsg::chain: return "CHAIN";
+    case DiskMsg::chain_status: return "CHAIN_STATUS";
+    case DiskMsg::link: return "LINK";
+    case DiskMsg::linked: return "LINKED";
   }
   return "UNKNOWN";
 }
@@ -65,7 +70,7 @@ std::vector<uint8_t> encode(const DiskOpen& m) {
 
 Result<void> validate(const DiskOpen& m) {
   auto bad = [](const std::string& what) { return wire_error(WireCode::malformed, "OPEN: " + what); };
-  if (m.image_size == 0 || m.image_size % kDiskSectorSize != 0)
+  if (m.image_size == 0 || (m.image_size % kDiskSectorSize != 0 && !(m.flags & kOpenAnySize)))
     return bad("image size " + std::to_string(m.image_size) + " is not a non-zero multiple of 512 (not aligned)");
   if (!power_of_two(m.block_size) || m.block_size < kMinDiskBlock || m.block_size > kMaxDiskBlock)
     return bad("block size " + std::to_string(m.block_size) + " is not a power of two in 4 KiB..16 MiB");
@@ -92,6 +97,121 @@ Result<DiskOpen> decode_disk_open(std::span<const uint8_t> payload) {
   KVMIG_TRY(r.finish());
   KVMIG_TRY(validate(m));
   return m;
+}
+
+const char* layer_format_name(LayerFormat f) {
+  switch (f) {
+    case LayerFormat::raw: return "raw";
+    case LayerFormat::qcow2: return "qcow2";
+    case LayerFormat::kvmig_delta: return "kvmig-delta";
+  }
+  return "unknown";
+}
+
+const char* layer_status_name(LayerStatus s) {
+  switch (s) {
+    case LayerStatus::missing: return "missing";
+    case LayerStatus::held: return "held";
+    case LayerStatus::differs: return "differs";
+    case LayerStatus::partial: return "partial";
+  }
+  return "unknown";
+}
+
+std::vector<uint8_t> encode(const DiskChain& m) {
+  ByteWriter w;
+  w.u32(static_cast<uint32_t>(m.layers.size()));
+  for (const DiskChainLayer& l : m.layers) {
+    w.u8(static_cast<uint8_t>(l.format));
+    w.u64(l.size);
+    w.u64(l.id_hi);
+    w.u64(l.id_lo);
+    w.str(l.path);
+  }
+  return w.take();
+}
+
+Result<void> validate(const DiskChain& m) {
+  auto bad = [](const std::string& what) { return wire_error(WireCode::malformed, "chain: " + what); };
+  if (m.layers.empty() || m.layers.size() > kMaxChainLayers)
+    return bad(std::to_string(m.layers.size()) + " layers, want 1.." + std::to_string(kMaxChainLayers));
+  size_t bytes = 4;
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    const DiskChainLayer& l = m.layers[i];
+    std::string at = "layer " + std::to_string(i) + " (" + l.path.substr(0, 200) + "): ";
+    bytes += 29 + l.path.size();
+    if (!path_ok(l.path)) return bad(at + "path must be relative, without '..' or empty parts");
+    for (size_t j = 0; j < i; ++j)
+      if (m.layers[j].path == l.path) return bad(at + "the same path twice (a loop)");
+    if (l.size == 0) return bad(at + "empty");
+    bool sized = l.size % kDiskSectorSize == 0;
+    switch (l.format) {
+      case LayerFormat::raw:
+        if (i != 0) return bad(at + "a raw image can only be the base");
+        if (!sized) return bad(at + "size " + std::to_string(l.size) + " is not a multiple of 512 (not aligned)");
+        break;
+      case LayerFormat::kvmig_delta:
+        if (i == 0 || m.layers[i - 1].format == LayerFormat::qcow2)
+          return bad(at + "a kvmig delta needs a raw or kvmig-delta parent");
+        if (l.size != m.layers[i - 1].size)
+          return bad(at + "size " + std::to_string(l.size) + " differs from its parent's " +
+                     std::to_string(m.layers[i - 1].size));
+        break;
+      case LayerFormat::qcow2:
+        if (i > 0 && m.layers[i - 1].format == LayerFormat::kvmig_delta)
+          return bad(at + "a qcow2 layer cannot sit on a kvmig delta");
+        break;
+      default: return bad(at + "unknown format " + std::to_string(static_cast<int>(l.format)));
+    }
+  }
+  if (bytes > kMaxSmallPayload) return bad("too long for one message (" + std::to_string(bytes) + " bytes)");
+  return ok();
+}
+
+Result<DiskChain> decode_disk_chain(std::span<const uint8_t> payload, const char* what) {
+  ByteReader r(payload, what);
+  KVMIG_ASSIGN(uint32_t count, r.u32());
+  if (count == 0 || count > kMaxChainLayers)
+    return wire_error(WireCode::malformed, std::string(what) + ": " + std::to_string(count) + " layers");
+  DiskChain m;
+  for (uint32_t i = 0; i < count; ++i) {
+    DiskChainLayer l;
+    KVMIG_ASSIGN(uint8_t format, r.u8());
+    l.format = static_cast<LayerFormat>(format);
+    KVMIG_ASSIGN(l.size, r.u64());
+    KVMIG_ASSIGN(l.id_hi, r.u64());
+    KVMIG_ASSIGN(l.id_lo, r.u64());
+    KVMIG_ASSIGN(l.path, r.str(kMaxDiskPath));
+    m.layers.push_back(std::move(l));
+  }
+  KVMIG_TRY(r.finish());
+  if (auto v = validate(m); !v.ok()) return std::move(v.error().prefix(what));
+  return m;
+}
+
+std::vector<uint8_t> encode(const std::vector<LayerStatus>& statuses) {
+  ByteWriter w;
+  w.u32(static_cast<uint32_t>(statuses.size()));
+  for (LayerStatus s : statuses) w.u8(static_cast<uint8_t>(s));
+  return w.take();
+}
+
+Result<std::vector<LayerStatus>> decode_layer_statuses(std::span<const uint8_t> payload,
+                                                       size_t expect_count) {
+  ByteReader r(payload, "CHAIN_STATUS");
+  KVMIG_ASSIGN(uint32_t count, r.u32());
+  if (count != expect_count)
+    return wire_error(WireCode::malformed, "CHAIN_STATUS: " + std::to_string(count) + " layers, sent " +
+                                               std::to_string(expect_count));
+  std::vector<LayerStatus> out;
+  for (uint32_t i = 0; i < count; ++i) {
+    KVMIG_ASSIGN(uint8_t s, r.u8());
+    if (s > kMaxLayerStatus)
+      return wire_error(WireCode::malformed, "CHAIN_STATUS: unknown status " + std::to_string(s));
+    out.push_back(static_cast<LayerStatus>(s));
+  }
+  KVMIG_TRY(r.finish());
+  return out;
 }
 
 std::vector<uint8_t> encode_range(const DiskRange& m) {
@@ -168,13 +288,23 @@ Result<void> send_disk(Stream& stream, DiskMsg type, std::span<const uint8_t> pa
   return send_frame(stream, head, payload);
 }
 
-Result<void> send_extent(Stream& stream, uint64_t offset, std::span<const uint8_t> data) {
-  std::vector<uint8_t> range = encode_range({offset, data.size()});
+uint64_t extent_checksum(std::span<const uint8_t> head, std::span<const uint64_t> hashes) {
   XXH3_state_t state;
   XXH3_64bits_reset(&state);
-  XXH3_64bits_update(&state, range.data(), range.size());
-  XXH3_64bits_update(&state, data.data(), data.size());
-  DiskHeader h{DiskMsg::extent, range.size() + data.size(), XXH3_64bits_digest(&state)};
+  XXH3_64bits_update(&state, head.data(), head.size());
+  XXH3_64bits_update(&state, hashes.data(), hashes.size_bytes());
+  return XXH3_64bits_digest(&state);
+}
+
+Result<void> send_extent(Stream& stream, uint64_t offset, std::span<const uint8_t> data,
+                         std::vector<uint64_t>* hashes) {
+  std::vector<uint8_t> range = encode_range({offset, data.size()});
+  std::vector<uint64_t> local;
+  std::vector<uint64_t>& out = hashes ? *hashes : local;
+  size_t first = out.size();
+  block_hashes(data, out);
+  std::span<const uint64_t> mine(out.data() + first, out.size() - first);
+  DiskHeader h{DiskMsg::extent, range.size() + data.size(), extent_checksum(range, mine)};
   uint8_t head[kHeaderSize];
   encode_disk_header(h, head);
   iovec iov[3] = {{head, kHeaderSize},
@@ -203,7 +333,7 @@ Result<DiskMessage> read_disk(Stream& stream) {
 }
 
 Result<DiskRange> read_extent_into(Stream& stream, const DiskHeader& header,
-                                   std::span<uint8_t> buffer) {
+                                   std::span<uint8_t> buffer, std::vector<uint64_t>* hashes) {
   uint8_t head[16];
   if (header.length <= sizeof head)
     return wire_error(WireCode::malformed, "EXTENT without data");
@@ -216,11 +346,11 @@ Result<DiskRange> read_extent_into(Stream& stream, const DiskHeader& header,
     return wire_error(WireCode::oversize, "EXTENT of " + std::to_string(range.length) +
                                               " bytes, chunk " + std::to_string(buffer.size()));
   KVMIG_TRY(stream.read(buffer.data(), range.length));
-  XXH3_state_t state;
-  XXH3_64bits_reset(&state);
-  XXH3_64bits_update(&state, head, sizeof head);
-  XXH3_64bits_update(&state, buffer.data(), range.length);
-  if (XXH3_64bits_digest(&state) != header.checksum)
+  std::vector<uint64_t> local;
+  std::vector<uint64_t>& out = hashes ? *hashes : local;
+  out.clear();
+  block_hashes({buffer.data(), range.length}, out);
+  if (extent_checksum({head, sizeof head}, out) != header.checksum)
     return wire_error(WireCode::bad_checksum,
                       "EXTENT at " + std::to_string(range.offset) + ": checksum mismatch");
   return range;

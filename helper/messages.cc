@@ -69,6 +69,7 @@ std::vector<uint8_t> encode(const Hello& m) {
   w.u8(m.hugepages ? 1 : 0);
   w.u32(m.streams);
   w.u64(m.features);
+  if (m.version >= 2) w.str(m.vm_name);
   return w.take();
 }
 
@@ -106,6 +107,11 @@ Result<Hello> decode_hello(std::span<const uint8_t> payload, uint16_t header_ver
   if (m.streams == 0 || m.streams > static_cast<uint32_t>(kMaxStreams))
     return wire_error(WireCode::malformed, "HELLO: " + std::to_string(m.streams) + " streams");
   KVMIG_ASSIGN(m.features, r.u64());
+  if (header_version >= 2) {
+    KVMIG_ASSIGN(m.vm_name, r.str(kMaxVmName));
+    for (unsigned char c : m.vm_name)
+      if (c < 0x20 || c == 0x7f) return wire_error(WireCode::malformed, "HELLO: VM name with a control character");
+  }
   KVMIG_TRY(r.finish());
   return m;
 }

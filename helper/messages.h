@@ -41,7 +41,8 @@ struct MemoryLayout {
 // Feature bits in HELLO; the destination answers with the subset it accepts.
 inline constexpr uint64_t kFeatureCompression = 1u << 0;
 inline constexpr uint64_t kFeatureVerify = 1u << 1;
-inline constexpr uint64_t kKnownFeatures = kFeatureCompression | kFeatureVerify;
+inline constexpr uint64_t kFeatureDisks = 1u << 2;  // DISKS, DISKS_READY, DISK_BLOCKS
+inline constexpr uint64_t kKnownFeatures = kFeatureCompression | kFeatureVerify | kFeatureDisks;
 
 struct Hello {
   uint16_t version = kWireVersion;  // from the header: the version the source proposes
@@ -55,7 +56,11 @@ struct Hello {
   bool hugepages = false;
   uint32_t streams = 1;  // data streams the source opened
   uint64_t features = 0;
+  // Version 2 on: the VM's name, so the destination's placeholder carries it (0..255 bytes,
+  // no control characters; empty: named after the UUID). A version-1 HELLO has none.
+  std::string vm_name;
 };
+inline constexpr size_t kMaxVmName = 255;
 
 struct HelloAck {
   uint16_t version = kWireVersion;  // the agreed version: every later message carries it

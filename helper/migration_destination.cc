@@ -11,6 +11,7 @@
 #include <set>
 #include <thread>
 
+#include "helper/disk_precopy_receiver.h"
 #include "helper/messages.h"
 #include "helper/transport_pages.h"
 #include "kvm/guest_memory.h"
@@ -59,6 +60,7 @@ class Receiver {
   Result<void> follow_control();
   Result<void> load_and_ready();
   Result<void> commit();
+  Result<void> on_disks(std::span<const uint8_t> payload);
   void page_loop();
   void stop_pages();
   Result<void> send_control(MsgType type, std::span<const uint8_t> payload = {}) {
@@ -85,6 +87,8 @@ class Receiver {
   std::set<std::string> part_ids_;
   std::vector<kvm::StateSection> sections_;
   std::optional<Verify> verify_;
+  bool disks_agreed_ = false;                  // HELLO_ACK accepted the disk feature
+  std::unique_ptr<DiskPrecopyReceiver> disks_;  // the disks' copies, from DISKS on
   std::mutex send_mu_;
   SessionVm vm_;
   bool started_recorded_ = false;
@@ -142,6 +146,9 @@ Result<void> Receiver::hello() {
 
   vm_.migration_id = hello_.migration_id;
   vm_.uuid = hello_.vm_uuid;
+  vm_.name = hello_.vm_name;
+  if (!opt_.disk_paths.empty() && !(hello_.features & kFeatureDisks))
+    return wire_error(WireCode::config_mismatch, "--disk given, but the source VM has no disks to migrate");
   if (opt_.events) {
     auto r = opt_.events->on_started(vm_);
     if (!r.ok()) return wire_error(WireCode::internal, "recording the migration start: " + r.error().message);
@@ -150,6 +157,10 @@ Result<void> Receiver::hello() {
   HelloAck ack;
   ack.version = version_;
   ack.features = hello_.features & kKnownFeatures;
+  // Disks only where there is somewhere to put them: a source with disks and no --disk here
+  // stops at once with a clear error, before anything moved.
+  if (opt_.disk_paths.empty()) ack.features &= ~kFeatureDisks;
+  disks_agreed_ = ack.features & kFeatureDisks;
   KVMIG_TRY(send_control(MsgType::hello_ack, encode(ack)));
   pages_thread_ = std::thread([this] { page_loop(); });
   return ok();
@@ -233,10 +244,17 @@ Result<void> Receiver::follow_control() {
         out_.bytes += st.wire_bytes;
         out_.rounds = end.round;
         ++expect_round;
+        if (opt_.events) {
+          // A site that can no longer record the completion must fail the migration now,
+          // while the source can still run on, not after COMMIT.
+          auto r = opt_.events->on_round(vm_);
+          if (!r.ok()) return wire_error(WireCode::internal, "round " + std::to_string(end.round) + ": " + r.error().message);
+        }
         break;
       }
       case MsgType::state: {
         if (expect_round == 1) return wire_error(WireCode::unexpected, "STATE before any memory round");
+        if (disks_agreed_ && !disks_) return wire_error(WireCode::unexpected, "STATE before DISKS");
         KVMIG_ASSIGN(kvm::StateSection s,
                      decode_state(m.payload, [&](std::string_view id) { return part_ids_.count(std::string(id)) > 0; },
                                   opt_.limits.max_control_payload));
@@ -245,6 +263,14 @@ Result<void> Receiver::follow_control() {
         sections_.push_back(std::move(s));
         break;
       }
+      case MsgType::disks:
+        KVMIG_TRY(on_disks(m.payload));
+        break;
+      case MsgType::disk_blocks:
+        if (!disks_ || !sections_.empty())
+          return wire_error(WireCode::unexpected, "DISK_BLOCKS before DISKS or after STATE");
+        KVMIG_TRY(disks_->on_blocks(m.payload));
+        break;
       case MsgType::verify: {
         if (!want_verify || verify_) return wire_error(WireCode::unexpected, "VERIFY not agreed or sent twice");
         KVMIG_ASSIGN(Verify v, decode_verify(m.payload));
@@ -257,6 +283,25 @@ Result<void> Receiver::follow_control() {
     }
   }
   return ok();
+}
+
+// DISKS: open the copies (created, locked, sized), attach them to the machine as its disks, so
+// their device state sections can be restored, and answer DISKS_READY.
+Result<void> Receiver::on_disks(std::span<const uint8_t> payload) {
+  if (!disks_agreed_ || disks_) return wire_error(WireCode::unexpected, "DISKS not agreed or sent twice");
+  KVMIG_ASSIGN(DisksMsg declared, decode_disks(payload));
+  KVMIG_ASSIGN(disks_, DiskPrecopyReceiver::open(declared, opt_.disk_paths, {}));
+  for (size_t i = 0; i < declared.disks.size(); ++i) {
+    auto a = out_.machine->attach_disk(opt_.disk_paths[i], declared.disks[i].block_bytes);
+    if (!a.ok()) return wire_error(WireCode::config_mismatch, "attaching disk " + std::to_string(i) + ": " + a.error().message);
+  }
+  // The machine has more parts now: their state sections are part of what must arrive.
+  auto snap = kvm::MachineSnapshot::of(*out_.machine);
+  if (!snap.ok()) return wire_error(WireCode::internal, snap.error().message);
+  snapshot_.emplace(std::move(*snap));
+  part_ids_.clear();
+  for (const std::string& id : snapshot_->part_ids()) part_ids_.insert(id);
+  return send_control(MsgType::disks_ready);
 }
 
 Result<void> Receiver::load_and_ready() {
@@ -276,6 +321,13 @@ Result<void> Receiver::load_and_ready() {
     if (h != verify_->hash)
       return wire_error(WireCode::internal, "VERIFY: guest memory hash differs from the source's");
     out_.verified = true;
+  }
+  // The disks durable before READY: after it the source may be gone for good.
+  if (disks_) {
+    auto sync_begin = Clock::now();
+    KVMIG_TRY(disks_->finish());
+    out_.disk_sync_ms = std::chrono::duration<double, std::milli>(Clock::now() - sync_begin).count();
+    out_.disk_bytes = disks_->stats().data_bytes;
   }
   auto r = snapshot_->restore_parts(sections_);
   if (!r.ok()) return wire_error(WireCode::internal, "loading state: " + r.error().message);
@@ -326,6 +378,7 @@ Result<ReceivedMachine> Receiver::run() {
     stop_pages();
     conn_.control->shutdown();
     out_.machine.reset();  // discarded: it never ran
+    if (disks_) disks_->discard();  // and so are the disk copies it would have run on
     if (opt_.events && started_recorded_ && !completed_recorded_) {
       auto a = opt_.events->on_aborted(vm_, r.error().message);
       if (!a.ok()) r.error().message += " (recording the abort failed too: " + a.error().message + ")";

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "base/result.h"
 #include "helper/session_events.h"
@@ -29,6 +30,9 @@ struct DestinationOptions {
   std::chrono::steady_clock::time_point start_time = std::chrono::steady_clock::now();
   // The control plane's records (helper/session_events.h); nullptr: none kept.
   SessionEvents* events = nullptr;
+  // Where the copies of the source VM's disks go, in its disk order (docs/disk-migration.md);
+  // empty: the destination takes no disks (HELLO's disk feature is declined).
+  std::vector<std::string> disk_paths;
 };
 
 struct ReceivedMachine {
@@ -39,6 +43,8 @@ struct ReceivedMachine {
   uint64_t zero_pages = 0;
   uint64_t bytes = 0;
   bool verified = false;
+  uint64_t disk_bytes = 0;    // disk data written here (zero runs excluded)
+  double disk_sync_ms = 0;    // the disks' last drain + fdatasync, while the source was paused
   // When start() returned after COMMIT, and how long COMMIT -> DONE sent took here.
   std::chrono::steady_clock::time_point resumed_at;
   double commit_to_resume_ms = 0;

@@ -32,8 +32,19 @@ nlohmann::json MigrationReport::to_json() const {
                    {"dirty_rate", dirty_rate},   {"bandwidth_mbps", bandwidth_mbps},
                    {"max_throttle", max_throttle}, {"dirty_tracking", mode},
                    {"granularity", granularity}, {"streams", streams},
-                   {"compress", compress},       {"verified", verified},
+                   {"compress", compress},       {"compressed_batches", compressed_batches},
+                   {"verified", verified},
                    {"rounds", rs}};
+  if (disks > 0)
+    j["disk"] = {{"disks", disks},
+                 {"bytes", disk_bytes},
+                 {"blocks", disk_blocks},
+                 {"rounds", disk_rounds},
+                 {"hot_deferred", disk_hot_deferred},
+                 {"final_blocks", disk_final_blocks},
+                 {"final_hot_blocks", disk_final_hot},
+                 {"pause_ms", disk_pause_ms},
+                 {"expected_pause_ms", disk_expected_pause_ms}};
   if (!error.empty()) j["error"] = error;
   return j;
 }
@@ -46,6 +57,7 @@ MigrationReport MigrationReport::from_json(const nlohmann::json& j) {
   r.granularity = j.value("granularity", uint64_t{4096});
   r.streams = j.value("streams", 1);
   r.compress = j.value("compress", false);
+  r.compressed_batches = j.value("compressed_batches", uint64_t{0});
   r.verified = j.value("verified", false);
   r.setup_ms = j.value("setup_ms", 0.0);
   r.precopy_ms = j.value("precopy_ms", 0.0);
@@ -63,6 +75,18 @@ MigrationReport MigrationReport::from_json(const nlohmann::json& j) {
   r.dirty_rate = j.value("dirty_rate", 0.0);
   r.bandwidth_mbps = j.value("bandwidth_mbps", 0.0);
   r.max_throttle = j.value("max_throttle", 0.0);
+  if (j.contains("disk") && j["disk"].is_object()) {
+    const auto& d = j["disk"];
+    r.disks = d.value("disks", 0u);
+    r.disk_bytes = d.value("bytes", uint64_t{0});
+    r.disk_blocks = d.value("blocks", uint64_t{0});
+    r.disk_rounds = d.value("rounds", 0u);
+    r.disk_hot_deferred = d.value("hot_deferred", uint64_t{0});
+    r.disk_final_blocks = d.value("final_blocks", uint64_t{0});
+    r.disk_final_hot = d.value("final_hot_blocks", uint64_t{0});
+    r.disk_pause_ms = d.value("pause_ms", 0.0);
+    r.disk_expected_pause_ms = d.value("expected_pause_ms", 0.0);
+  }
   return r;
 }
 
@@ -103,7 +127,14 @@ std::string report_summary(const MigrationReport& r) {
            r.downtime_ms, human_bytes(static_cast<double>(r.bytes)).c_str(),
            static_cast<unsigned long long>(r.pages), static_cast<unsigned long long>(r.zero_pages),
            r.iterations, r.bandwidth_mbps);
-  return buf;
+  std::string line = buf;
+  if (r.disks > 0) {
+    snprintf(buf, sizeof buf, "; disks: %s in %u rounds, %llu hot blocks deferred, disk pause %.2f ms",
+             human_bytes(static_cast<double>(r.disk_bytes)).c_str(), r.disk_rounds,
+             static_cast<unsigned long long>(r.disk_final_hot), r.disk_pause_ms);
+    line += buf;
+  }
+  return line;
 }
 
 }  // namespace kvmig::helper

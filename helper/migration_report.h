@@ -55,10 +55,21 @@ struct MigrationReport {
   uint64_t zero_pages = 0;
   uint64_t state_bytes = 0;
   uint64_t final_pages = 0;   // sent while paused
+  uint64_t compressed_batches = 0;  // MEM_PAGES batches sent as zstd frames
   uint32_t iterations = 0;    // rounds, the final (paused) one included
   double dirty_rate = 0;      // bytes/s the guest dirtied, last live round
   double bandwidth_mbps = 0;  // MB/s (10^6) over all rounds
   double max_throttle = 0;
+  // Disks (docs/disk-migration.md); all 0 for a VM without disks.
+  uint32_t disks = 0;
+  uint64_t disk_bytes = 0;          // DISK_BLOCKS on the wire, headers included (also in bytes)
+  uint64_t disk_blocks = 0;         // blocks sent, all rounds, bulk copy included
+  uint32_t disk_rounds = 0;         // disk rounds, the final one included
+  uint64_t disk_hot_deferred = 0;   // most hot blocks held back at once during pre-copy
+  uint64_t disk_final_blocks = 0;   // sent while paused
+  uint64_t disk_final_hot = 0;      // of those, deferred hot blocks
+  double disk_pause_ms = 0;         // the disk part of the pause: drain, harvest, read, send
+  double disk_expected_pause_ms = 0;  // the rule's estimate at the switch-over decision
   std::vector<RoundRecord> rounds;
 
   nlohmann::json to_json() const;

@@ -13,6 +13,7 @@
 
 #include <array>
 
+#include "helper/compress.h"
 #include "helper/migration_report.h"
 #include "helper/session_events.h"
 #include "helper/transport.h"
@@ -23,15 +24,17 @@ namespace kvmig::helper {
 struct SourceOptions {
   Endpoint to;
   int streams = 1;
-  bool compress = false;
+  CompressMode compress = CompressMode::automatic;  // zstd on page batches (helper/compress.h)
   bool verify = false;                  // XXH3 of all guest RAM compared before COMMIT
   bool ring = false;                    // dirty ring instead of the bitmap
   uint64_t granularity = 4096;          // trace granularity, 4 KiB .. 2 MiB
-  double max_downtime = 0.005;          // seconds
+  double max_downtime = 0.005;
+  double max_disk_downtime = 0.020;     // seconds of the pause the disks may take (docs/disk-migration.md)          // seconds
   double timeout = 60;                  // seconds of pre-copy before giving up; 0 = none
   uint8_t hot_rounds = 3;               // rounds in a row dirty before a page counts as hot
   std::string migration_id;             // empty: a random one
   std::array<uint8_t, 16> vm_uuid{};    // the VM's UUID (all zero: a random one)
+  std::string vm_name;                  // in HELLO (wire version 2): the placeholder's name
   SourceEvents* events = nullptr;       // told on_released once DONE arrived; may be null
 };
 

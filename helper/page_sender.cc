@@ -3,6 +3,7 @@
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
 
+#include <algorithm>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -53,11 +54,15 @@ uint64_t count_bits(std::span<const uint64_t> bits) {
   return n;
 }
 
-PageSender::PageSender(Connection& connection, uint16_t version, GpaResolver source, bool compress)
+PageSender::PageSender(Connection& connection, uint16_t version, GpaResolver source,
+                       CompressMode compress)
     : connection_(connection), version_(version), source_(std::move(source)) {
-  if (compress)
-    for (size_t s = 0; s < connection.data.size(); ++s)
-      compressors_.push_back(std::make_unique<PageCompressor>());
+  if (compress == CompressMode::off) return;
+  // The streams compress in parallel, as far as there are CPUs for them.
+  const size_t n = connection.data.size();
+  const double cpus = std::max(1u, std::thread::hardware_concurrency());
+  const double share = n > 0 ? std::min(1.0, cpus / static_cast<double>(n)) : 1.0;
+  for (size_t s = 0; s < n; ++s) compressors_.push_back(std::make_unique<PageCompressor>(compress, share));
 }
 
 Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracker* tracker,
@@ -77,6 +82,7 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracker
     mine.pages += st.pages;
     mine.zero_pages += st.zero_pages;
     mine.wire_bytes += st.wire_bytes;
+    mine.raw_bytes += st.raw_bytes;
     mine.compressed_batches += st.compressed ? 1 : 0;
     batch.clear();
     batch_pages = 0;
@@ -181,6 +187,7 @@ Result<RoundStats> PageSender::send_round(uint32_t round, kvm::DirtyTracker* tra
     total.pages += mine.pages;
     total.zero_pages += mine.zero_pages;
     total.wire_bytes += mine.wire_bytes;
+    total.raw_bytes += mine.raw_bytes;
     total.compressed_batches += mine.compressed_batches;
   };
   // A small round (the paused one, typically) goes out from this thread, stream after

@@ -41,7 +41,7 @@ uint64_t count_bits(std::span<const uint64_t> bits);
 
 class PageSender {
  public:
-  PageSender(Connection& connection, uint16_t version, GpaResolver source, bool compress);
+  PageSender(Connection& connection, uint16_t version, GpaResolver source, CompressMode compress);
 
   // Sends round `round`. `rearm` (may be empty: the final, paused round) holds the pages
   // harvested dirty, rearmed through `tracker` chunk by chunk just before the chunk is read;

@@ -6,6 +6,10 @@
 //   on_started   after HELLO is checked and before HELLO_ACK: nothing has moved yet. It
 //                writes the durable migration-started record and creates the placeholder.
 //                An error here ends the session with ERROR: the source runs on.
+//   on_round     after each memory round is in (pre-copy, and the switch-over's last: keep
+//                it cheap, it may fall in the downtime). It checks the site can still record
+//                the completion (room on its disk); an error ends the session before READY,
+//                so the source runs on, instead of failing the completion after COMMIT.
 //   on_completed after COMMIT is read and BEFORE the VM's vCPUs start. It durably tags the
 //                placeholder with the migration-completed event. Only once it returned ok may
 //                the VM run here; on error the VM must not run (answer ERROR, discard it): the
@@ -38,6 +42,7 @@ class SessionEvents {
  public:
   virtual ~SessionEvents() = default;
   virtual Result<void> on_started(const SessionVm& vm) = 0;
+  virtual Result<void> on_round(const SessionVm& vm) = 0;
   virtual Result<void> on_completed(const SessionVm& vm) = 0;
   virtual Result<void> on_aborted(const SessionVm& vm, const std::string& reason) = 0;
 };

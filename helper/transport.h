@@ -65,6 +65,11 @@ struct TransportOptions {
   int streams = 1;                    // data streams, 1..kMaxStreams
   int socket_buffer = 16 << 20;       // SO_SNDBUF/SO_RCVBUF request (the kernel may cap it)
   int accept_timeout_ms = 10000;      // how long a listener waits for the rest of a group
+  // TCP only: a peer that neither acknowledges sent data nor answers keepalive probes for this
+  // long is gone (TCP_USER_TIMEOUT, keepalive after a third of it), so a cut link ends a
+  // session on both sides instead of leaving them blocked for TCP's ~15 minutes of retries.
+  // The environment's KVMIG_LINK_TIMEOUT_MS, when set (1000..600000), overrides it.
+  int link_timeout_ms = 20000;
 };
 inline constexpr int kMaxStreams = 16;
 

@@ -49,7 +49,7 @@ RoundSender::RoundSender(Connection& connection, uint16_t version, GpaResolver s
     : connection_(connection), version_(version), source_(std::move(source)) {
   if (compress)
     for (size_t s = 0; s < connection.data.size(); ++s)
-      compressors_.push_back(std::make_unique<PageCompressor>());
+      compressors_.push_back(std::make_unique<PageCompressor>(CompressMode::on));
 }
 
 Result<RoundStats> RoundSender::send(uint32_t round,

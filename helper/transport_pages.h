@@ -23,6 +23,7 @@ struct RoundStats {
   uint64_t pages = 0;
   uint64_t zero_pages = 0;
   uint64_t wire_bytes = 0;
+  uint64_t raw_bytes = 0;  // wire_bytes had nothing been compressed (sender only)
   uint64_t compressed_batches = 0;
 };
 

@@ -7,6 +7,8 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "helper/transport.h"
@@ -58,6 +60,22 @@ void tune(int fd, const TransportOptions& options, bool tcp) {
   if (tcp) {
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    // A silent peer (cut link, dead host) is detected on both sides within link_timeout_ms:
+    // the user timeout bounds unacknowledged data, keepalive probes a side that only reads.
+    int timeout_ms = options.link_timeout_ms;
+    if (const char* env = std::getenv("KVMIG_LINK_TIMEOUT_MS")) {
+      int v = std::atoi(env);
+      if (v >= 1000 && v <= 600000) timeout_ms = v;
+    }
+    if (timeout_ms > 0) {
+      unsigned user_timeout = static_cast<unsigned>(timeout_ms);
+      int idle = std::max(1, timeout_ms / 3000), interval = std::max(1, timeout_ms / 6000), count = 3;
+      ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+      ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+      ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+      ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
+      ::setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof user_timeout);
+    }
   }
 }
 

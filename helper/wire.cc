@@ -47,6 +47,9 @@ const char* msg_type_name(MsgType type) {
     case MsgType::done: return "DONE";
     case MsgType::abort: return "ABORT";
     case MsgType::verify: return "VERIFY";
+    case MsgType::disks: return "DISKS";
+    case MsgType::disks_ready: return "DISKS_READY";
+    case MsgType::disk_blocks: return "DISK_BLOCKS";
   }
   return "UNKNOWN";
 }

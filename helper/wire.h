@@ -18,7 +18,7 @@ namespace kvmig::helper {
 // "KMIG" read as a little-endian u32. The offsets of magic and version never change between
 // protocol versions, so any peer can read what version the other speaks.
 inline constexpr uint32_t kWireMagic = 0x47494d4b;
-inline constexpr uint16_t kWireVersion = 1;     // the version this build speaks
+inline constexpr uint16_t kWireVersion = 2;     // the version this build speaks (2: HELLO names the VM)
 inline constexpr uint16_t kWireOldestVersion = 1;  // versions below 1 never existed
 inline constexpr size_t kHeaderSize = 32;
 inline constexpr uint64_t kPageSize = 4096;
@@ -36,8 +36,11 @@ enum class MsgType : uint16_t {
   done = 9,
   abort = 10,
   verify = 11,
+  disks = 12,        // disk pre-copy (feature bit 2): the source's disks, helper/disk_precopy_messages.h
+  disks_ready = 13,  // the destination's copies are open at their sizes
+  disk_blocks = 14,  // blocks of one disk
 };
-inline constexpr uint16_t kMaxMsgType = 11;
+inline constexpr uint16_t kMaxMsgType = 14;
 const char* msg_type_name(MsgType type);
 
 // Header flags.

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 
@@ -154,8 +155,13 @@ Result<BatchStats> PageBatchSender::send(uint32_t round, std::span<const PageRun
   uint8_t head[kHeaderSize];
   encode_header(h, head);
   iov_.insert(iov_.begin(), {{head, kHeaderSize}, {meta_.data(), meta_.size()}});
+  const auto write_begin = std::chrono::steady_clock::now();
   KVMIG_TRY(stream_.write_all(iov_));
+  if (compressor_ && !stats.compressed && data_pages > 0)
+    compressor_->note_raw_write(kHeaderSize + length,
+                                std::chrono::duration<double>(std::chrono::steady_clock::now() - write_begin).count());
   stats.wire_bytes = kHeaderSize + length;
+  stats.raw_bytes = kHeaderSize + meta_.size() - (stats.compressed ? frame_.size() : 0) + data_pages * kPageSize;
   return stats;
 }
 

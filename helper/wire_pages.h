@@ -38,6 +38,7 @@ struct BatchStats {
   uint64_t pages = 0;       // data + zero
   uint64_t zero_pages = 0;
   uint64_t wire_bytes = 0;  // header + payload as sent
+  uint64_t raw_bytes = 0;   // what wire_bytes would be uncompressed (sender only)
   bool compressed = false;
 };
 

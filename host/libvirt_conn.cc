@@ -2,6 +2,7 @@
 
 #include <libvirt/virterror.h>
 
+#include <csignal>
 #include <mutex>
 
 #include "host/site_records.h"
@@ -66,7 +67,14 @@ Result<std::string> LibvirtDomain::xml(unsigned flags) const {
 
 Result<LibvirtConn> LibvirtConn::open(const std::string& uri) {
   static std::once_flag quiet;
-  std::call_once(quiet, [] { virSetErrorFunc(nullptr, silent); });
+  std::call_once(quiet, [] {
+    virSetErrorFunc(nullptr, silent);
+    // libvirt's client writes to the daemon's socket with plain write(): a daemon that died
+    // (kill -9 of the destination's libvirtd mid-migration) would otherwise end kvmig by
+    // SIGPIPE before it could fence the destination or say where the VM is. libvirt asks its
+    // applications to ignore SIGPIPE; the write then fails with EPIPE, an ordinary error.
+    std::signal(SIGPIPE, SIG_IGN);
+  });
   LibvirtConn c;
   c.conn_ = virConnectOpen(uri.c_str());
   if (!c.conn_) return libvirt_error("virConnectOpen " + uri);

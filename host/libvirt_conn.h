@@ -2,7 +2,8 @@
 // once, on destruction), and libvirt's errors as one line with what was being done:
 // "virDomainMigrateToURI3 vm1 -> qemu+unix:///system: operation failed: ...".
 // libvirt's default error handler prints every error on stderr; kvmig reports errors itself,
-// so opening a connection silences it (process-wide, once).
+// so opening a connection silences it (process-wide, once), and ignores SIGPIPE, as libvirt
+// asks of its applications (a dead daemon is then an error, not the end of kvmig).
 #pragma once
 
 #include <libvirt/libvirt.h>

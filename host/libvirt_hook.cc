@@ -46,6 +46,16 @@ Result<std::optional<HookEvent>> hook_event(const std::vector<std::string>& args
   return std::optional<HookEvent>(HookEvent{d->mark->migration_id, d->uuid, d->name, op, args[2], now_ms()});
 }
 
+Result<void> check_not_fenced(SiteDb& db, const HookEvent& e) {
+  if ((e.op != "migrate" && e.op != "prepare") || e.subop != "begin") return ok();
+  SiteRecords records(db);
+  KVMIG_ASSIGN(bool fenced, records.has(RecordKind::aborted, e.migration_id, e.vm_uuid));
+  if (fenced)
+    return Error{"migration " + e.migration_id + " of " + e.vm_uuid + " (" + e.domain +
+                 ") was aborted at this site (kvmig recover): refusing the incoming domain"};
+  return ok();
+}
+
 Result<void> record_hook_event(SiteDb& db, const HookEvent& e) {
   Transaction tx(db);
   KVMIG_TRY(tx.begun());

@@ -33,6 +33,12 @@ struct HookEvent {
 // kvmig records. Errors are one line.
 Result<std::optional<HookEvent>> hook_event(const std::vector<std::string>& args, std::string_view domain_xml);
 
+// For an incoming domain (op migrate or prepare, subop begin): an error when this site has
+// recorded the migration aborted for this domain (`kvmig recover` fenced it). The hook then
+// exits non-zero and libvirt refuses the incoming migration: a migration that recovery fenced
+// while libvirt's job was not yet visible at the source cannot arrive afterwards.
+Result<void> check_not_fenced(SiteDb& db, const HookEvent& event);
+
 // The hook's table in the site database (libvirt_events, schema step 2 in host/site_db.cc).
 Result<void> record_hook_event(SiteDb& db, const HookEvent& event);
 // Events of one migration (every migration when empty), in the order recorded.

@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "helper/fault_point.h"
 #include "host/control_server.h"
 
 namespace kvmig::host {
@@ -72,13 +73,22 @@ std::string MicroVmSite::uuid() {
 }
 
 Result<void> MicroVmSite::on_started(const helper::SessionVm& vm) {
-  std::lock_guard lock(mu_);
-  KVMIG_TRY(recorder_.on_started(vm));
-  uuid_ = uuid_text(vm.uuid);
+  {
+    std::lock_guard lock(mu_);
+    KVMIG_TRY(recorder_.on_started(vm));
+    uuid_ = uuid_text(vm.uuid);
+  }
+  helper::fault_point("destination", "hello");  // test hook (helper/fault_point.h)
   return ok();
 }
 
+Result<void> MicroVmSite::on_round(const helper::SessionVm& vm) {
+  std::lock_guard lock(mu_);
+  return recorder_.on_round(vm);
+}
+
 Result<void> MicroVmSite::on_completed(const helper::SessionVm& vm) {
+  helper::fault_point("destination", "commit");  // test hook (helper/fault_point.h)
   std::lock_guard lock(mu_);
   return recorder_.on_completed(vm);
 }
@@ -90,11 +100,10 @@ Result<void> MicroVmSite::on_aborted(const helper::SessionVm& vm, const std::str
 
 Result<void> MicroVmSite::on_released(const helper::SessionVm& vm) {
   std::lock_guard lock(mu_);
-  KVMIG_TRY(recorder_.on_released(vm));
-  std::string uuid = uuid_text(vm.uuid);
-  KVMIG_ASSIGN(std::optional<Placeholder> have, registry_.find(uuid));
-  if (have && have->state == VmEntryState::running && have->control == control_) KVMIG_TRY(registry_.unregister(uuid));
-  return ok();
+  // The row stays until this process ends (leave()): the released copy still exists, paused,
+  // until `kvmig migrate` sends migrate-finish, and if that command died, `kvmig recover`
+  // must still find the copy here to end it.
+  return recorder_.on_released(vm);
 }
 
 }  // namespace kvmig::host

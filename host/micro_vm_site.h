@@ -50,10 +50,12 @@ class MicroVmSite : public helper::SessionEvents, public helper::SourceEvents {
 
   // Destination (helper/session_events.h): recorded through MigrationRecorder.
   Result<void> on_started(const helper::SessionVm& vm) override;
+  Result<void> on_round(const helper::SessionVm& vm) override;
   Result<void> on_completed(const helper::SessionVm& vm) override;
   Result<void> on_aborted(const helper::SessionVm& vm, const std::string& reason) override;
-  // Source: source_released recorded, then a VM registered as running here is unregistered,
-  // so the UUID may come back to this site by a later migration.
+  // Source: source_released recorded. The running row stays until the process ends (leave()),
+  // so a paused copy whose migrate-finish never came (its `kvmig migrate` died) is still found
+  // and ended by `kvmig recover`; after that the UUID may come back here by migration.
   Result<void> on_released(const helper::SessionVm& vm) override;
 
  private:

@@ -14,6 +14,10 @@ struct MigrateState {
   std::mutex mu;
   bool running = false;
   std::string last_result;
+  // The id of the migration in progress, or of the last one: `kvmig recover --migration ID`
+  // asks it to tell this migration's source copy from a later copy of the same VM (one that
+  // came back to this site by another migration).
+  std::string migration_id;
   helper::MigrationProgress progress;
 };
 
@@ -47,7 +51,6 @@ Result<helper::SourceOptions> parse_migrate_request(const nlohmann::json& r) {
   if (!ep.ok()) return std::move(ep.error().prefix("migrate: \"to\""));
   o.to = *ep;
   KVMIG_TRY(check_type(r, "streams", vt::number_unsigned, "a number of streams"));
-  KVMIG_TRY(check_type(r, "compress", vt::boolean, "true or false"));
   KVMIG_TRY(check_type(r, "verify", vt::boolean, "true or false"));
   KVMIG_TRY(check_type(r, "dirty_tracking", vt::string, "\"bitmap\" or \"ring\""));
   KVMIG_TRY(check_type(r, "granularity", vt::number_unsigned, "a size in bytes"));
@@ -58,7 +61,21 @@ Result<helper::SourceOptions> parse_migrate_request(const nlohmann::json& r) {
   if (streams < 1 || streams > static_cast<uint64_t>(helper::kMaxStreams))
     return Error{"migrate: \"streams\" must be 1.." + std::to_string(helper::kMaxStreams)};
   o.streams = static_cast<int>(streams);
-  o.compress = r.value("compress", false);
+  // "auto" | "on" | "off" (default off, as `kvmig migrate`); true/false from older callers
+  // mean on/off.
+  o.compress = helper::CompressMode::off;
+  if (r.contains("compress")) {
+    const auto& c = r["compress"];
+    if (c.is_boolean()) {
+      o.compress = c.get<bool>() ? helper::CompressMode::on : helper::CompressMode::off;
+    } else if (c.is_string()) {
+      auto mode = helper::parse_compress_mode(c.get<std::string>());
+      if (!mode.ok()) return std::move(mode.error().prefix("migrate: \"compress\""));
+      o.compress = *mode;
+    } else {
+      return Error{"migrate: \"compress\" must be \"auto\", \"on\" or \"off\""};
+    }
+  }
   o.verify = r.value("verify", false);
   std::string tracking = r.value("dirty_tracking", std::string("bitmap"));
   if (tracking != "bitmap" && tracking != "ring")
@@ -94,6 +111,7 @@ void register_migrate_commands(ControlServer& server, kvm::Machine& machine, Mig
     // `kvmig status --migration` asks for.
     if (opt.migration_id.empty()) opt.migration_id = new_migration_id();
     opt.vm_uuid = identity.vm_uuid;
+    opt.vm_name = identity.vm_name;
     opt.events = identity.events;
     {
       std::lock_guard lock(state->mu);
@@ -101,6 +119,7 @@ void register_migrate_commands(ControlServer& server, kvm::Machine& machine, Mig
       if (state->last_result == "completed" || state->last_result == "in-doubt")
         return Error{"migrate: this VM was already migrated away (" + state->last_result + ")"};
       state->running = true;
+      state->migration_id = opt.migration_id;
       state->progress.phase = helper::kSetup;
       state->progress.iteration = 0;
       state->progress.transferred = 0;
@@ -118,6 +137,7 @@ void register_migrate_commands(ControlServer& server, kvm::Machine& machine, Mig
     nlohmann::json j = state->progress.to_json();
     std::lock_guard lock(state->mu);
     j["running"] = state->running;
+    j["migration_id"] = state->migration_id;  // "" when this VM never was a migration source
     return j;
   });
   server.register_command("migrate-finish", [&machine, state](const nlohmann::json&) -> Result<nlohmann::json> {

@@ -1,11 +1,23 @@
 #include "host/migration_recorder.h"
 
+#include <sys/statvfs.h>
+
 #include <optional>
 
 namespace kvmig::host {
 
 Result<void> MigrationRecorder::on_started(const helper::SessionVm& vm) {
   return started(vm.migration_id, uuid_text(vm.uuid), vm.name);
+}
+
+Result<void> MigrationRecorder::on_round(const helper::SessionVm&) {
+  struct statvfs st {};
+  const std::string& dir = records_.db().dir();
+  if (::statvfs(dir.c_str(), &st) != 0) return Error::from_errno("statvfs " + dir);
+  uint64_t free = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+  if (free < kMinFreeBytes)
+    return Error{"site " + dir + " has " + std::to_string(free) + " bytes free, too little to record the completion"};
+  return ok();
 }
 
 Result<void> MigrationRecorder::on_completed(const helper::SessionVm& vm) {

@@ -26,10 +26,17 @@ class MigrationRecorder : public helper::SessionEvents, public helper::SourceEve
  public:
   // `store_in_site_db`: the store writes to records' own database (MicroVmRegistry on the
   // same SiteDb), so a tag and its record can share one transaction.
+  // What the completion and the abort need at most, with SQLite's WAL: a few pages, with
+  // a wide margin.
+  static constexpr uint64_t kMinFreeBytes = 256 << 10;
+
   MigrationRecorder(SiteRecords& records, PlaceholderStore& store, bool store_in_site_db)
       : records_(records), store_(store), same_db_(store_in_site_db) {}
 
   Result<void> on_started(const helper::SessionVm& vm) override;
+  // Room left on the site's file system for the completion (statvfs: cheap enough for the
+  // switch-over); an error below kMinFreeBytes.
+  Result<void> on_round(const helper::SessionVm& vm) override;
   Result<void> on_completed(const helper::SessionVm& vm) override;
   Result<void> on_aborted(const helper::SessionVm& vm, const std::string& reason) override;
   // Source site: records source_released. (The caller destroys the VM first.)

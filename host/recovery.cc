@@ -39,6 +39,19 @@ Result<SourceFacts> MicroVmSource::inspect(const std::string& migration_id, cons
     return f;
   }
   f.state = (*reply)["paused"].get<bool>() ? SourceState::paused : SourceState::running;
+  // The UUID alone does not say it is this migration's copy: the VM may have left for the
+  // destination and come back by a later migration. The copy that sent `migration_id` says
+  // so (migrate-progress names its last outgoing migration); a copy that never sent it is
+  // another one. A process too old to say is taken for this migration's copy.
+  auto progress = control_request(vm->control, {{"cmd", "migrate-progress"}});
+  if (progress.ok() && progress->contains("migration_id") && (*progress)["migration_id"].is_string() &&
+      (*progress)["migration_id"].get<std::string>() != migration_id) {
+    std::string sent = (*progress)["migration_id"].get<std::string>();
+    f.detail = "a VM with this UUID runs here (" + std::string(source_state_name(f.state)) + "), " +
+               (sent.empty() ? std::string("never a source") : "last sent by migration " + sent) +
+               ": not this migration's copy";
+    f.state = SourceState::other;
+  }
   return f;
 }
 
@@ -131,6 +144,7 @@ RecoveryPlan plan_recovery(const VmStatus& st) {
         case SourceState::gone:
           plan.problem = "not migrated, and the source copy is gone: the VM runs nowhere";
           break;
+        case SourceState::other: break;  // the VM runs at the source as a later copy: leave it
         case SourceState::unknown:
           plan.problem = "not migrated, but the source copy's state is unknown (" + st.source.detail +
                          "): resume it by hand if it is paused";

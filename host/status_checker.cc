@@ -19,6 +19,7 @@ std::string_view source_state_name(SourceState s) {
     case SourceState::running: return "running";
     case SourceState::paused: return "paused";
     case SourceState::gone: return "gone";
+    case SourceState::other: return "other-copy";
   }
   return "unknown";
 }

@@ -27,6 +27,8 @@ enum class SourceState {
   running,
   paused,
   gone,  // no such VM at the source any more (its process ended)
+  other,  // a VM with this UUID runs at the source, but it is not this migration's copy: it
+          // came back by a later migration (recovery must neither destroy nor resume it)
 };
 std::string_view source_state_name(SourceState s);
 

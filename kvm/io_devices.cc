@@ -27,6 +27,12 @@ IoDevices::IoResult IoDevices::handle_io(int vcpu, uint16_t port, bool out, uint
     result.status = status;
     return result;
   }
+  for (const PortRange& r : port_devices_) {
+    if (port >= r.base && port - r.base < r.count) {
+      for (uint32_t i = 0; i < count; ++i) r.handler(static_cast<uint16_t>(port - r.base), out, size, data + size_t{i} * size);
+      return result;
+    }
+  }
   if (!out) std::memset(data, 0xff, size_t{size} * count);  // nothing answers: a floating bus
   uint64_t n = unknown_io_.fetch_add(1, std::memory_order_relaxed) + 1;
   if (should_log(n))
@@ -41,6 +47,10 @@ void IoDevices::handle_mmio(int vcpu, uint64_t addr, bool write, uint32_t len, u
   if (should_log(n))
     std::fprintf(stderr, "kvmig: vCPU %d: unhandled MMIO %s 0x%llx len %u (%llu so far)\n", vcpu, write ? "write" : "read",
                  static_cast<unsigned long long>(addr), len, static_cast<unsigned long long>(n));
+}
+
+void IoDevices::add_ports(uint16_t base, uint16_t count, PortHandler handler) {
+  port_devices_.push_back({base, count, std::move(handler)});
 }
 
 void IoDevices::set_console_listener(std::function<void(std::string_view)> listener) {

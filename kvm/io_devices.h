@@ -10,6 +10,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace kvmig::kvm {
 
@@ -31,6 +32,11 @@ class IoDevices {
   // One KVM_EXIT_MMIO to an address no device claims: reads see all-ones.
   void handle_mmio(int vcpu, uint64_t addr, bool write, uint32_t len, uint8_t* data);
 
+  // A device answering ports [base, base + count): one call per access, `offset` from base.
+  // Register every device before the vCPUs start; lookups then need no lock.
+  using PortHandler = std::function<void(uint16_t offset, bool out, uint8_t size, uint8_t* data)>;
+  void add_ports(uint16_t base, uint16_t count, PortHandler handler);
+
   // Called with each complete console line (without '\n'), from a vCPU thread.
   void set_console_listener(std::function<void(std::string_view)> listener);
   void flush();
@@ -46,7 +52,14 @@ class IoDevices {
   void write_out(const char* data, size_t len);
   static bool should_log(uint64_t n) { return n <= 10 || (n & (n - 1)) == 0; }
 
+  struct PortRange {
+    uint16_t base;
+    uint16_t count;
+    PortHandler handler;
+  };
+
   int console_fd_;
+  std::vector<PortRange> port_devices_;
   mutable std::mutex mu_;
   std::string line_;
   std::string pending_;

@@ -3,8 +3,10 @@
 #include <elf.h>
 #include <fcntl.h>
 
+#include "kvm/block_device.h"
 #include "kvm/boot_layout.h"
 #include "kvm/cpuid.h"
+#include "kvm/device_dirty.h"
 #include "kvm/dirty_ring_log.h"
 #include "kvm/io_devices.h"
 #include "kvm/ioctl.h"
@@ -78,6 +80,9 @@ Result<void> Machine::init_devices_and_vcpus() {
     console = console_fd_.get();
   }
   io_ = std::make_unique<IoDevices>(console);
+  std::vector<DeviceDirty::Range> ranges;
+  for (const auto& r : memory_.regions()) ranges.push_back({r.gpa, r.size});
+  device_dirty_ = std::make_unique<DeviceDirty>(ranges);
 
   // The dirty ring can only be enabled while the VM has no vCPUs.
   if (config_.dirty_ring_entries > 0) {
@@ -152,6 +157,9 @@ Result<void> Machine::pause() {
   kick_all();
   std::unique_lock lock(ctl_->mu);
   ctl_->cv.wait(lock, [&] { return ctl_->parked == ctl_->alive; });
+  // Quiesce the disks: with every vCPU parked nobody rings a doorbell, so once the requests
+  // in flight complete, guest memory, the rings and the images stay still until resume.
+  for (auto& d : disks_) d->drain();
   ctl_->paused = true;
   double us = std::chrono::duration<double, std::micro>(Clock::now() - begin).count();
   if (ctl_->pauses == 0 || us < ctl_->pause_min_us) ctl_->pause_min_us = us;
@@ -197,6 +205,28 @@ Result<int> Machine::wait() {
   if (ctl_->error) return *ctl_->error;
   return ctl_->status;
 }
+
+Result<size_t> Machine::attach_disk(const std::string& path, uint64_t block_bytes) {
+  {
+    std::lock_guard lock(ctl_->mu);
+    if (ctl_->started) return Error{"disk " + path + ": cannot attach a disk to a running VM"};
+  }
+  int index = static_cast<int>(disks_.size());
+  KVMIG_ASSIGN(std::unique_ptr<BlockDevice> d, BlockDevice::open(index, path, block_bytes, memory_, *device_dirty_));
+  BlockDevice* raw = d.get();
+  io_->add_ports(raw->port_base(), kBlkPortStride,
+                 [raw](uint16_t offset, bool out, uint8_t size, uint8_t* data) { raw->handle_port(offset, out, size, data); });
+  disks_.push_back(std::move(d));
+  return static_cast<size_t>(index);
+}
+
+std::vector<Machine::DiskInfo> Machine::disks() const {
+  std::vector<DiskInfo> out;
+  for (const auto& d : disks_) out.push_back({d->path(), d->fd(), d->size(), &d->write_log()});
+  return out;
+}
+
+BlockWriteLog& Machine::disk_write_log(size_t index) { return disks_.at(index)->write_log(); }
 
 std::vector<Vcpu*> Machine::vcpus() const {
   std::vector<Vcpu*> out;

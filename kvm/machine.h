@@ -21,6 +21,9 @@
 
 namespace kvmig::kvm {
 
+class BlockDevice;
+class BlockWriteLog;
+class DeviceDirty;
 class DirtyRingLog;
 class IoDevices;
 struct RunControl;
@@ -75,6 +78,24 @@ class Machine : public Pausable {
   // MachineConfig::dirty_ring_entries is 0.
   DirtyRingLog* dirty_ring() { return dirty_ring_.get(); }
 
+  // Disks (kvm/block_device.h). attach_disk opens PATH (a raw image or block device) as the
+  // next disk, 0, 1, ..; only before start(): the guest finds its disks at boot, and a
+  // machine built for an incoming migration or a restore must have the same disks before
+  // its state is restored (their state sections must match). Returns the disk's index.
+  Result<size_t> attach_disk(const std::string& path, uint64_t block_bytes = 64 * 1024);
+  struct DiskInfo {
+    std::string path;
+    int fd = -1;         // read-write, buffered; owned by the machine, valid while it lives
+    uint64_t size = 0;   // bytes
+    BlockWriteLog* write_log = nullptr;  // completed guest writes, per block
+  };
+  std::vector<DiskInfo> disks() const;
+  BlockDevice& disk(size_t index) { return *disks_.at(index); }
+  BlockWriteLog& disk_write_log(size_t index);
+  // The VMM's record of guest pages its devices wrote (disk reads completing, ring
+  // statuses); pass it to DirtyTracker::create so migration resends those pages.
+  DeviceDirty& device_dirty() { return *device_dirty_; }
+
  private:
   Machine(const MachineConfig& config, std::unique_ptr<KvmSystem> kvm, Fd vm_fd, GuestMemory memory);
   Result<void> init_devices_and_vcpus();
@@ -87,6 +108,9 @@ class Machine : public Pausable {
   GuestMemory memory_;
   Fd console_fd_;
   std::unique_ptr<IoDevices> io_;
+  std::unique_ptr<DeviceDirty> device_dirty_;
+  // After memory_ and device_dirty_: destroyed (drained) before what they write into.
+  std::vector<std::unique_ptr<BlockDevice>> disks_;
   std::unique_ptr<DirtyRingLog> dirty_ring_;  // declared before vcpus_: outlives their rings
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
   std::unique_ptr<RunControl> ctl_;

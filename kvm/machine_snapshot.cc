@@ -5,6 +5,7 @@
 #include <mutex>
 #include <set>
 
+#include "kvm/block_device.h"
 #include "kvm/vcpu_state.h"
 #include "kvm/vm_state.h"
 
@@ -86,6 +87,7 @@ Result<MachineSnapshot> MachineSnapshot::of(Machine& machine) {
     snap.parts_.push_back(std::make_unique<VcpuState>(v->fd(), v->index(), msrs, caps));
   snap.parts_.push_back(std::make_unique<IrqchipState>(machine.vm_fd()));
   snap.parts_.push_back(std::make_unique<PitState>(machine.vm_fd()));
+  for (size_t i = 0; i < machine.disks().size(); ++i) snap.parts_.push_back(block_device_part(machine.disk(i)));
   snap.parts_.push_back(std::make_unique<VmClockState>(machine.vm_fd()));
   return snap;
 }
@@ -117,14 +119,21 @@ Result<void> MachineSnapshot::restore_parts(const std::vector<StateSection>& sec
     if (!by_id.emplace(s.id, &s).second) return Error{"duplicate state section '" + s.id + "'"};
   }
   for (const auto& p : parts_) {
-    if (!by_id.count(p->snapshot_id()))
+    if (!by_id.count(p->snapshot_id())) {
+      if (p->snapshot_id().starts_with("dev.blk."))
+        return Error{"the state has no " + p->snapshot_id() + ": it was saved with fewer disks than are attached"};
       return Error{"state has no section '" + p->snapshot_id() + "' (saved with fewer vCPUs?)"};
+    }
   }
   if (by_id.size() != parts_.size()) {
     std::set<std::string> known;
     for (const auto& p : parts_) known.insert(p->snapshot_id());
     for (const auto& [id, s] : by_id)
-      if (!known.count(id)) return Error{"unknown state section '" + id + "'"};
+      if (!known.count(id)) {
+        if (id.starts_with("dev.blk."))
+          return Error{"the state has a disk (" + id + ") that is not attached: give the same disks as when saved"};
+        return Error{"unknown state section '" + id + "'"};
+      }
   }
   for (const auto& p : parts_) {
     auto r = p->restore(*by_id[p->snapshot_id()]);

@@ -3,13 +3,15 @@
 // A state file holds, in this order:
 //   "machine"        v1  uint64 memory, uint32 vcpus, uint32 flags (bit 0: hugepages)
 //   "memory.layout"  and "memory.run" sections (memory_image.h)
-//   one section per Snapshottable part: "vcpu.0".."vcpu.N-1", "irqchip", "pit", "clock"
+//   one section per Snapshottable part: "vcpu.0".."vcpu.N-1", "irqchip", "pit",
+//   "dev.blk.0".. (one per disk, kvm/block_device.h), "clock"
 //   "end"
-// The port devices (debug console, exit port) hold no guest-visible state, so they have no
-// section; a device that gains state must become a part here, or its state is lost.
+// The debug console and exit port hold no guest-visible state, so they have no section; a
+// device that gains state must become a part here, or its state is lost. A disk's contents
+// are not in the state, only its ring position: restore needs the same disks attached.
 //
 // Restore reads every part's section first and applies them only at the end, in a fixed
-// order: vCPUs, irqchip, PIT, then the clock, right before the machine resumes.
+// order: vCPUs, irqchip, PIT, disks, then the clock, right before the machine resumes.
 #pragma once
 
 #include <cstdint>

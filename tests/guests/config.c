@@ -79,8 +79,37 @@ static const char* apply(struct config* c, const char* k, unsigned kn, const cha
   } else if (str_eq(k, kn, "idle")) {
     if (!parse_num(v, vn, false, &x) || x > 1) return "bad idle= (0|1)";
     c->idle = x == 1;
+  } else if (str_eq(k, kn, "disk")) {
+    if (!parse_num(v, vn, false, &x) || x > 1) return "bad disk= (0|1)";
+    c->disk = x == 1;
+  } else if (str_eq(k, kn, "dpattern")) {
+    if (str_eq(v, vn, "seq")) c->dpattern = PATTERN_SEQ;
+    else if (str_eq(v, vn, "random")) c->dpattern = PATTERN_RANDOM;
+    else if (str_eq(v, vn, "hotcold")) c->dpattern = PATTERN_HOTCOLD;
+    else return "bad dpattern= (seq|random|hotcold)";
+  } else if (str_eq(k, kn, "dhot")) {
+    if (!parse_num(v, vn, false, &x) || x < 1 || x > 100) return "bad dhot= (1..100)";
+    c->dhot_pct = (uint32_t)x;
+  } else if (str_eq(k, kn, "drate")) {
+    if (str_eq(v, vn, "max")) c->drate_mibps = 0;
+    else if (!parse_num(v, vn, false, &x) || x < 1 || x > (1ull << 20)) return "bad drate= (max|MIBPS)";
+    else c->drate_mibps = x;
+  } else if (str_eq(k, kn, "dblock")) {
+    if (!parse_num(v, vn, true, &x) || x < 4096 || x > 256 * 1024 || (x & (x - 1)))
+      return "bad dblock= (power of two 4K..256K)";
+    c->dblock = x;
+  } else if (str_eq(k, kn, "dpass")) {
+    if (!parse_num(v, vn, false, &x) || x < 1 || x > (1ull << 30)) return "bad dpass= (1..)";
+    c->dpass = x;
+  } else if (str_eq(k, kn, "dverify")) {
+    if (!parse_num(v, vn, false, &x) || x > (1ull << 30)) return "bad dverify= (0..)";
+    c->dverify = x;
+  } else if (str_eq(k, kn, "dbad")) {
+    if (!parse_num(v, vn, false, &x) || x > 1) return "bad dbad= (0|1)";
+    c->dbad = x == 1;
   } else {
-    return "unknown option (ws pattern hot hotp rate vcpus passes report_ms tsc_khz idle)";
+    return "unknown option (ws pattern hot hotp rate vcpus passes report_ms tsc_khz idle disk dpattern dhot "
+           "drate dblock dpass dverify dbad)";
   }
   return 0;
 }
@@ -96,6 +125,14 @@ const char* parse_cmdline(const char* s, struct config* c) {
   c->report_ms = 200;
   c->tsc_khz = 0;
   c->idle = false;
+  c->disk = false;
+  c->dpattern = PATTERN_SEQ;
+  c->dhot_pct = 10;
+  c->drate_mibps = 0;
+  c->dblock = 64 * 1024;
+  c->dpass = 64;
+  c->dverify = 64;
+  c->dbad = false;
   bool first = true;
   while (*s) {
     while (*s == ' ' || *s == '\t') s++;

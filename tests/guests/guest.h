@@ -46,6 +46,15 @@ struct config {
   uint64_t report_ms;
   uint64_t tsc_khz; /* 0 = not given: kernel.c calibrates with the PIT */
   bool idle;
+  /* disk workload (disk.c), on vCPU 0 */
+  bool disk;
+  enum pattern dpattern;
+  uint32_t dhot_pct;
+  uint64_t drate_mibps; /* 0 = as fast as possible */
+  uint64_t dblock;      /* bytes, power of two 4K..256K */
+  uint64_t dpass;       /* block writes per disk pass */
+  uint64_t dverify;     /* blocks read back per disk pass */
+  bool dbad;            /* issue invalid requests first and check they are refused */
 };
 
 extern struct config cfg;
@@ -91,6 +100,14 @@ static inline uint8_t inb(uint16_t port) {
 
 /* workload.c: the CPL3 body of every vCPU; never returns. */
 __attribute__((noreturn)) void user_main(uint64_t cpu);
+
+/* disk.c: disk_init at CPL0 (NULL or a boot error), the rest at CPL3 on vCPU 0. */
+const char* disk_init(void);
+void disk_user_init(uint64_t seed);
+void disk_pass(bool write);
+void disk_final(void);
+void disk_pass_line(uint64_t n);
+uint64_t disk_errors(void);
 
 /* boot.S */
 __attribute__((noreturn)) void enter_user(void (*rip)(uint64_t), uint64_t rsp, uint64_t arg);

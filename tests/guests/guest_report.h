@@ -33,6 +33,26 @@ struct CorruptLine {
   uint64_t page = 0, want = 0, got = 0;
 };
 
+// The disk workload (disk=1), docs/guest.md.
+struct DiskStartLine {
+  uint64_t blocks = 0, block_bytes = 0;
+  std::string pattern;
+  std::optional<uint64_t> rate_mibps;  // nullopt = drate=max
+};
+
+struct DiskPassLine {
+  uint64_t n = 0, writes = 0, reads = 0, errors = 0;  // cumulative
+};
+
+struct DiskCorruptLine {
+  uint64_t block = 0, want = 0, got = 0;
+  std::string why;  // version, tag, checksum, status
+};
+
+struct DiskBadRequestsLine {
+  uint64_t rejected = 0, of = 0;
+};
+
 struct DoneLine {
   bool pass = false;
   uint64_t passes = 0, errors = 0;
@@ -117,12 +137,69 @@ inline std::optional<DoneLine> parse_done(std::string_view line) {
   return r;
 }
 
+inline std::optional<DiskStartLine> parse_disk_start(std::string_view line) {
+  constexpr std::string_view prefix = "kvmig-guest: disk start ";
+  if (!line.starts_with(prefix)) return std::nullopt;
+  std::vector<std::string_view> f;
+  DiskStartLine r;
+  if (!detail::fields(line.substr(prefix.size()), {"blocks", "block", "pattern", "rate"}, f) ||
+      !detail::number(f[0], r.blocks) || !detail::number(f[1], r.block_bytes) || f[2].empty())
+    return std::nullopt;
+  r.pattern = std::string(f[2]);
+  if (f[3] != "max") {
+    uint64_t rate = 0;
+    if (!detail::number(f[3], rate)) return std::nullopt;
+    r.rate_mibps = rate;
+  }
+  return r;
+}
+
+inline std::optional<DiskPassLine> parse_disk_pass(std::string_view line) {
+  constexpr std::string_view prefix = "kvmig-guest: disk pass ";
+  if (!line.starts_with(prefix)) return std::nullopt;
+  std::vector<std::string_view> f;
+  DiskPassLine r;
+  if (!detail::fields(line.substr(prefix.size()), {"n", "writes", "reads", "errors"}, f) ||
+      !detail::number(f[0], r.n) || !detail::number(f[1], r.writes) || !detail::number(f[2], r.reads) ||
+      !detail::number(f[3], r.errors))
+    return std::nullopt;
+  return r;
+}
+
+inline std::optional<DiskCorruptLine> parse_disk_corrupt(std::string_view line) {
+  constexpr std::string_view prefix = "kvmig-guest: disk corrupt ";
+  if (!line.starts_with(prefix)) return std::nullopt;
+  std::vector<std::string_view> f;
+  DiskCorruptLine r;
+  if (!detail::fields(line.substr(prefix.size()), {"block", "want", "got", "why"}, f) ||
+      !detail::number(f[0], r.block) || !detail::number(f[1], r.want) || !detail::number(f[2], r.got) ||
+      f[3].empty())
+    return std::nullopt;
+  r.why = std::string(f[3]);
+  return r;
+}
+
+inline std::optional<DiskBadRequestsLine> parse_disk_bad_requests(std::string_view line) {
+  constexpr std::string_view prefix = "kvmig-guest: disk bad-requests ";
+  if (!line.starts_with(prefix)) return std::nullopt;
+  std::vector<std::string_view> f;
+  DiskBadRequestsLine r;
+  if (!detail::fields(line.substr(prefix.size()), {"rejected", "of"}, f) || !detail::number(f[0], r.rejected) ||
+      !detail::number(f[1], r.of))
+    return std::nullopt;
+  return r;
+}
+
 // Everything the guest said so far. feed() takes raw console bytes in any chunking.
 struct Report {
   std::optional<StartLine> start;
   std::vector<PassLine> passes;
   std::vector<CorruptLine> corrupt;
   std::optional<DoneLine> done;
+  std::optional<DiskStartLine> disk_start;
+  std::vector<DiskPassLine> disk_passes;
+  std::vector<DiskCorruptLine> disk_corrupt;
+  std::optional<DiskBadRequestsLine> disk_bad_requests;
   std::vector<std::string> errors;  // "kvmig-guest: error ..." and "kvmig-guest: fault ..."
   std::vector<std::string> other;   // anything else (firmware output, malformed lines)
 
@@ -143,6 +220,10 @@ struct Report {
     else if (auto p = parse_pass(line)) passes.push_back(*p);
     else if (auto c = parse_corrupt(line)) corrupt.push_back(*c);
     else if (auto d = parse_done(line)) done = *d;
+    else if (auto ds = parse_disk_start(line)) disk_start = *ds;
+    else if (auto dp = parse_disk_pass(line)) disk_passes.push_back(*dp);
+    else if (auto dc = parse_disk_corrupt(line)) disk_corrupt.push_back(*dc);
+    else if (auto db = parse_disk_bad_requests(line)) disk_bad_requests = *db;
     else if (line.starts_with("kvmig-guest: error ") || line.starts_with("kvmig-guest: fault "))
       errors.emplace_back(line);
     else if (!line.empty()) other.emplace_back(line);

@@ -328,6 +328,10 @@ __attribute__((noreturn)) void bsp_main(uint64_t mbi_pa) {
   setup_paging();
   *lapic(0xf0) = 0x1ff; /* software-enable the LAPIC, spurious vector 0xff */
   if (!cfg.tsc_khz) cfg.tsc_khz = calibrate_tsc();
+  if (cfg.disk) {
+    const char* derr = disk_init();
+    if (derr) boot_fail(derr, 0);
+  }
   if (cfg.vcpus > 1) start_aps();
   enter_user(user_main, (uint64_t)ustacks[0] + USTACK_SIZE - 8, 0);
 }

@@ -135,6 +135,11 @@ static void pass_line(struct vcpu_state* s, uint64_t n, uint64_t tsc) {
 }
 
 static __attribute__((noreturn)) void finish(struct vcpu_state* s) {
+  if (s->cpu == 0 && cfg.disk) {
+    disk_final();
+    disk_pass_line(cfg.passes);
+    s->errors += disk_errors();
+  }
   __atomic_add_fetch(&total_errors, s->errors, __ATOMIC_SEQ_CST);
   __atomic_add_fetch(&vcpus_done, 1, __ATOMIC_SEQ_CST);
   if (s->cpu != 0)
@@ -167,16 +172,22 @@ void user_main(uint64_t cpu) {
     s.ticks_per_page_fp = ((cfg.tsc_khz * 1000) << 16) / pps * cfg.vcpus;
     s.due_fp = s.last_tsc << 16;
   }
+  bool disk = cpu == 0 && cfg.disk;
+  if (disk) disk_user_init(s.rng);
   uint64_t report_ticks = cfg.report_ms * cfg.tsc_khz;
   for (uint64_t n = 1;; n++) {
     if (n == 1 || !cfg.idle) write_pass(&s, n == 1); /* pass 1 initializes every page */
     verify_pass(&s);
+    if (disk) disk_pass(n == 1 || !cfg.idle);
     uint64_t now = rdtsc();
     tsc_check(&s, now);
     bool last = cfg.passes && n == cfg.passes;
-    if (last || now - s.last_report >= report_ticks) {
+    if (!last && (now - s.last_report >= report_ticks)) {
       pass_line(&s, n, now);
+      if (disk) disk_pass_line(n);
       s.last_report = now;
+    } else if (last) {
+      pass_line(&s, n, now);
     }
     if (last) finish(&s);
   }

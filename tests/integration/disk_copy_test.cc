@@ -23,6 +23,7 @@
 
 #include "base/fd.h"
 #include "helper/disk_extents.h"
+#include "disk_serve_fixture.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -32,55 +33,9 @@ namespace {
 constexpr uint64_t kMiB = 1 << 20;
 
 using kvmig::test::read_file;
-
-uint64_t hash_of(const fs::path& p) {
-  kvmig::Fd fd(::open(p.c_str(), O_RDONLY));
-  EXPECT_TRUE(fd.valid()) << p;
-  struct stat st {};
-  ::fstat(fd.get(), &st);
-  auto h = kvmig::helper::hash_file(fd.get(), static_cast<uint64_t>(st.st_size));
-  EXPECT_TRUE(h.ok());
-  return h.ok() ? *h : 0;
-}
-
-uint64_t allocated(const fs::path& p) {
-  struct stat st {};
-  ::stat(p.c_str(), &st);
-  return static_cast<uint64_t>(st.st_blocks) * 512;
-}
-
-// A `kvmig disk serve` child process on an ephemeral loopback port.
-class Server {
- public:
-  Server(const fs::path& root, const fs::path& log) : log_(log) {
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      ::dup2(fd, 2);
-      ::execl(KVMIG_BINARY, "kvmig", "disk", "serve", "--listen", "127.0.0.1:0", "--root",
-              root.c_str(), "--ack-every", "8M", static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-    for (int i = 0; i < 500 && port_ == 0; ++i) {
-      std::string text = read_file(log);
-      auto at = text.find("listening on 127.0.0.1:");
-      if (at != std::string::npos) port_ = std::atoi(text.c_str() + at + 23);
-      else std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-  }
-  ~Server() {
-    ::kill(pid_, SIGTERM);
-    ::waitpid(pid_, nullptr, 0);
-  }
-  int port() const { return port_; }
-  std::string at(const std::string& dst) const { return "127.0.0.1:" + std::to_string(port_) + ":" + dst; }
-  std::string log() const { return read_file(log_); }
-
- private:
-  fs::path log_;
-  pid_t pid_ = -1;
-  int port_ = 0;
-};
+using kvmig::test::allocated;
+using kvmig::test::hash_of;
+using kvmig::test::Server;
 
 struct CliRun : kvmig::test::CliRun {
   nlohmann::json json() const { return nlohmann::json::parse(out, nullptr, false); }
@@ -276,6 +231,55 @@ TEST_F(DiskCopy, FullDestinationDiskIsAClearError) {
   EXPECT_EQ(lines(r.err), 1) << r.err;
   EXPECT_NE(r.err.find("disk full"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(small / "full.img"));  // refused before a byte: nothing left
+}
+
+TEST_F(DiskCopy, DiskFullMidWriteFailsCleanlyAndAResumeCompletesAfterSpaceIsFreed) {
+  fs::path small = dir_ / "small";
+  fs::create_directories(small);
+  if (::mount("tmpfs", small.c_str(), "tmpfs", 0, "size=40m") != 0)
+    GTEST_SKIP() << "cannot mount a small tmpfs (needs root): " << std::strerror(errno);
+  mounted_ = small.string();
+  fs::path img = make_image("img", 48 * kMiB, 24, 0);
+  uint64_t before = hash_of(img);
+  auto mtime = fs::last_write_time(img);
+  Server server(small, dir_ / "serve.log");
+  ASSERT_GT(server.port(), 0);
+  // 24 MiB of data fits the 40 MiB file system when the copy starts; --max-rate keeps it
+  // going long enough for another writer to take the room halfway.
+  CliRun failed;
+  std::thread copy([&] {
+    failed = kvmig("disk copy " + img.string() + " " + server.at("full.img") + " --max-rate 12M --retries 0");
+  });
+  uint64_t acked = 0;
+  for (int i = 0; i < 1000 && acked < 8 * kMiB; ++i) {
+    auto marker = nlohmann::json::parse(read_file(small / "full.img.kvmig-partial"), nullptr, false);
+    if (!marker.is_discarded()) acked = marker.value("acked", uint64_t{0});
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  {
+    kvmig::Fd filler(::open((small / "filler").c_str(), O_WRONLY | O_CREAT, 0644));
+    std::vector<char> mib(kMiB, 'f');
+    while (::write(filler.get(), mib.data(), mib.size()) > 0) {}
+  }
+  copy.join();
+  ASSERT_GE(acked, 8 * kMiB);
+  EXPECT_EQ(failed.status, 1) << failed.err;
+  EXPECT_EQ(lines(failed.err), 1) << failed.err;
+  EXPECT_NE(failed.err.find("disk full"), std::string::npos) << failed.err;
+  EXPECT_EQ(hash_of(img), before);
+  EXPECT_EQ(fs::last_write_time(img), mtime);
+  auto marker = nlohmann::json::parse(read_file(small / "full.img.kvmig-partial"), nullptr, false);
+  ASSERT_FALSE(marker.is_discarded());
+  uint64_t durable = marker["acked"].get<uint64_t>();
+  EXPECT_GE(durable, 8 * kMiB);
+  EXPECT_LT(durable, 48 * kMiB);
+
+  fs::remove(small / "filler");
+  CliRun resumed = kvmig("disk copy " + img.string() + " " + server.at("full.img") + " --json");
+  ASSERT_EQ(resumed.status, 0) << resumed.err << server.log();
+  EXPECT_EQ(resumed.json()["connections"][0]["resumed_from"].get<uint64_t>(), durable);
+  EXPECT_EQ(hash_of(small / "full.img"), before);
+  EXPECT_FALSE(fs::exists(small / "full.img.kvmig-partial"));
 }
 
 }  // namespace

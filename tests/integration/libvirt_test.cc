@@ -342,6 +342,22 @@ TEST_F(LibvirtTest, HookRecordsMarkedDomainsAndRefusesBadInputWithoutWriting) {
     EXPECT_EQ(e.vm_uuid, uuid);
     EXPECT_EQ(e.domain, "lvt-hook");
   }
+
+  // Once `kvmig recover` fenced this migration here (aborted recorded), the hook refuses the
+  // incoming domain, so libvirt cannot bring it in late; other steps and migrations pass.
+  SiteRecords records(**db);
+  ASSERT_TRUE(records.append(RecordKind::aborted, "hook-1", uuid, "recovered: not migrated").ok());
+  for (const char* op : {"migrate", "prepare"}) {
+    Output refused = run(hook + "lvt-hook " + op + " begin - <" + shared_ + "/marked.xml");
+    EXPECT_EQ(refused.status, 1) << refused.out;
+    EXPECT_NE(refused.out.find("refusing the incoming domain"), std::string::npos) << refused.out;
+    EXPECT_EQ(count(refused.out, "\n"), 1) << refused.out;
+  }
+  EXPECT_EQ(run(hook + "lvt-hook release end - <" + shared_ + "/marked.xml").status, 0);
+  auto other = with_mark(plain, KvmigMark{"hook-2", {{"placeholder", 6}}});
+  ASSERT_TRUE(other.ok());
+  std::ofstream(shared_ + "/other.xml") << *other;
+  EXPECT_EQ(run(hook + "lvt-hook migrate begin - <" + shared_ + "/other.xml").status, 0);
 }
 
 }  // namespace

@@ -162,6 +162,7 @@ TEST_F(MicroVmRecords, MigratedVmIsRecordedOnBothSitesAndReadsMigrated) {
   ASSERT_TRUE(arrived);
   EXPECT_EQ(arrived->state, host::VmEntryState::completed);
   EXPECT_EQ(arrived->migration_id, "m1");
+  EXPECT_EQ(arrived->name, "a") << "HELLO carries the VM's name to the placeholder";
   EXPECT_EQ(arrived->control, path("a.dst.ctl")) << "recovery and the next migration reach it there";
 
   EXPECT_EQ(verdicts("m1"), (std::map<std::string, std::string>{{kVmA, "migrated"}}));
@@ -240,6 +241,50 @@ TEST_F(MicroVmRecords, GroupSharesOneMigrationIdWithAVerdictPerVm) {
   EXPECT_TRUE(guest_progresses(path("gb.dst.console")));
 }
 
+// `vm restore --site` registers the restored VM as `vm run --site` does: with its UUID and
+// control socket, refused while another copy of that UUID runs there, and migrating on under
+// that UUID with its records.
+TEST_F(MicroVmRecords, RestoredVmIsRegisteredAndMigratesUnderItsUuid) {
+  REQUIRE_GUEST();
+  Child orig = spawn({KVMIG_BINARY, "vm", "run", "--kernel", guest64_path(), "--memory", "64M", "--cmdline",
+                      "ws=8M pattern=seq rate=8 passes=0 report_ms=50", "--console", path("o.console"), "--control",
+                      path("o.ctl")},
+                     path("o.out"), path("o.err"));
+  ASSERT_TRUE(wait_until([&] { return !guest_report(path("o.console")).passes.empty() || orig.poll(); }, 30s));
+  CmdRun save = kvmig({"vm", "save", "--control", path("o.ctl"), "--output", path("o.state")});
+  ASSERT_EQ(save.status, 0) << save.err;
+  EXPECT_EQ(orig.wait(10s), 0);
+
+  auto restore = [&](const std::string& tag) {
+    return spawn({KVMIG_BINARY, "vm", "restore", path("o.state"), "--console", path(tag + ".console"), "--control",
+                  path(tag + ".ctl"), "--site", src_site(), "--uuid", kVmA, "--name", "restored"},
+                 path(tag + ".vm.out"), path(tag + ".vm.err"));
+  };
+  Child r = restore("r");
+  ASSERT_TRUE(wait_until([&] { return guest_report(path("r.console")).passes.size() > 1 || r.poll(); }, 30s))
+      << read_text(path("r.vm.err"));
+  auto reg = registry_entry(src_site(), kVmA);
+  ASSERT_TRUE(reg);
+  EXPECT_EQ(reg->state, host::VmEntryState::running);
+  EXPECT_EQ(reg->name, "restored");
+  EXPECT_EQ(reg->control, path("r.ctl"));
+
+  Child twin = restore("twin");
+  EXPECT_EQ(twin.wait(30s), 125) << "a second copy of a running UUID is refused";
+  EXPECT_NE(read_text(path("twin.vm.err")).find("already runs"), std::string::npos) << read_text(path("twin.vm.err"));
+  EXPECT_EQ(registry_entry(src_site(), kVmA)->control, path("r.ctl")) << "the refused twin leaves the row alone";
+
+  Child dst = receiver("r");
+  CmdRun mig = kvmig(migrate_args("r", "m-restored"));
+  ASSERT_EQ(mig.status, 0) << mig.err << read_text(path("r.recv.err"));
+  EXPECT_EQ(nlohmann::json::parse(mig.out)["vm_uuid"], kVmA);
+  EXPECT_EQ(r.wait(10s), 0);
+  EXPECT_EQ(record_kinds(src_site(), "m-restored", kVmA), (Kinds{"source_released"}));
+  EXPECT_FALSE(registry_entry(src_site(), kVmA));
+  EXPECT_EQ(verdicts("m-restored"), (std::map<std::string, std::string>{{kVmA, "migrated"}}));
+  EXPECT_TRUE(guest_progresses(path("r.dst.console")));
+}
+
 TEST_F(MicroVmRecords, BadSiteOrUuidIsRefusedBeforeAnythingRuns) {
   CmdRun missing = kvmig({"receive", "--listen", "unix:" + path("x.mig"), "--site", path("no-such-site")});
   EXPECT_EQ(missing.status, 125);
@@ -250,6 +295,12 @@ TEST_F(MicroVmRecords, BadSiteOrUuidIsRefusedBeforeAnythingRuns) {
   CmdRun bad_id = kvmig({"migrate", path("none.ctl"), "--to", "unix:" + path("x.mig"), "--migration", "no spaces"});
   EXPECT_EQ(bad_id.status, 125);
   EXPECT_NE(bad_id.err.find("--migration"), std::string::npos) << bad_id.err;
+  CmdRun restore_bad = kvmig({"vm", "restore", path("none.state"), "--site", src_site(), "--uuid", "nope"});
+  EXPECT_EQ(restore_bad.status, 125);
+  EXPECT_NE(restore_bad.err.find("--uuid"), std::string::npos) << restore_bad.err;
+  CmdRun restore_nosite = kvmig({"vm", "restore", path("none.state"), "--site", path("no-such-site")});
+  EXPECT_EQ(restore_nosite.status, 125);
+  EXPECT_NE(restore_nosite.err.find("site init"), std::string::npos) << restore_nosite.err;
 }
 
 }  // namespace

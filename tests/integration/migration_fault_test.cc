@@ -250,6 +250,7 @@ struct RecordingEvents : SessionEvents {
     return ok();
   }
   Result<void> on_started(const SessionVm& vm) override { return note("started " + vm.migration_id); }
+  Result<void> on_round(const SessionVm&) override { return ok(); }
   Result<void> on_completed(const SessionVm&) override {
     (void)note("completed");
     if (fail_completed) return Error{"disk full"};

@@ -75,13 +75,21 @@ TEST_F(SparseFile, HashCountsHolesAsZeros) {
   std::fill(whole.begin() + (1 << 20), whole.begin() + (1 << 20) + 12345, 0x5a);
   auto h = hash_file(fd_.get(), whole.size());
   ASSERT_TRUE(h.ok());
-  EXPECT_EQ(*h, XXH3_64bits(whole.data(), whole.size()));
-  // A prefix hash continues where it stopped.
+  // The digest by its definition: XXH3-64 over each 4 KiB block's XXH3-64, in order.
+  std::vector<uint64_t> blocks;
+  for (size_t pos = 0; pos < whole.size(); pos += 4096) blocks.push_back(XXH3_64bits(whole.data() + pos, 4096));
+  EXPECT_EQ(*h, XXH3_64bits(blocks.data(), blocks.size() * 8));
+  // A prefix hash continues where it stopped; zeros fed as a count equal zeros hashed.
   XXH3_state_t s;
   XXH3_64bits_reset(&s);
   ASSERT_TRUE(hash_prefix(fd_.get(), 2 << 20, &s).ok());
-  XXH3_64bits_update(&s, whole.data() + (2 << 20), 1 << 20);
+  hash_zeros(&s, 1 << 20);
   EXPECT_EQ(XXH3_64bits_digest(&s), *h);
+  // A short last block hashes as its own bytes.
+  std::vector<uint64_t> tail;
+  block_hashes({whole.data(), 4096 + 100}, tail);
+  ASSERT_EQ(tail.size(), 2u);
+  EXPECT_EQ(tail[1], XXH3_64bits(whole.data() + 4096, 100));
 }
 
 TEST(ZeroBlocks, SplitsOnAbsoluteBlockBoundaries) {

@@ -59,7 +59,7 @@ TEST(DiskMessages, OpenRejectsUnalignedAndOutOfRangeSizes) {
   EXPECT_TRUE(bad([](DiskOpen& m) { m.max_extent = 5000; }));
   EXPECT_TRUE(bad([](DiskOpen& m) { m.max_extent = 32u << 20; }));
   EXPECT_TRUE(bad([](DiskOpen& m) { m.data_bytes = m.image_size + 1; }));
-  EXPECT_TRUE(bad([](DiskOpen& m) { m.flags = 2; }));
+  EXPECT_TRUE(bad([](DiskOpen& m) { m.flags = 1u << 7; }));
   EXPECT_FALSE(bad([](DiskOpen& m) { m.image_size = 512 * 3, m.data_bytes = 0; }));
 }
 
@@ -137,6 +137,75 @@ TEST(DiskMessages, ExtentLargerThanTheBufferIsRefusedBeforeReadingIt) {
   auto r = read_extent_into(*b, m->header, small);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(wire_code_of(r.error()), WireCode::oversize);
+}
+
+DiskChain good_chain() {
+  DiskChain c;
+  c.layers.push_back({LayerFormat::raw, 32 << 20, 1, 2, "vm/base.raw"});
+  c.layers.push_back({LayerFormat::kvmig_delta, 32 << 20, 3, 4, "vm/disk.raw"});
+  return c;
+}
+
+TEST(DiskMessages, ChainAndStatusesRoundTrip) {
+  DiskChain c = good_chain();
+  auto d = decode_disk_chain(encode(c), "CHAIN");
+  ASSERT_TRUE(d.ok()) << d.error().message;
+  ASSERT_EQ(d->layers.size(), 2u);
+  EXPECT_EQ(d->layers[1].format, LayerFormat::kvmig_delta);
+  EXPECT_EQ(d->layers[1].size, 32u << 20);
+  EXPECT_EQ(d->layers[1].id_hi, 3u);
+  EXPECT_EQ(d->layers[1].id_lo, 4u);
+  EXPECT_EQ(d->layers[1].path, "vm/disk.raw");
+  std::vector<LayerStatus> s = {LayerStatus::held, LayerStatus::partial};
+  auto ds = decode_layer_statuses(encode(s), 2);
+  ASSERT_TRUE(ds.ok());
+  EXPECT_EQ(*ds, s);
+  EXPECT_FALSE(decode_layer_statuses(encode(s), 3).ok());  // not the layers asked about
+  std::vector<uint8_t> bad = encode(s);
+  bad.back() = 9;
+  EXPECT_FALSE(decode_layer_statuses(bad, 2).ok());
+}
+
+TEST(DiskMessages, ChainRulesRefuseLoopsBadParentsAndSizes) {
+  struct Case {
+    const char* what;
+    void (*edit)(DiskChain&);
+  } cases[] = {
+      {"same path twice", [](DiskChain& c) { c.layers[1].path = c.layers[0].path; }},
+      {"escaping path", [](DiskChain& c) { c.layers[1].path = "../x"; }},
+      {"raw on top", [](DiskChain& c) { c.layers[1].format = LayerFormat::raw; }},
+      {"delta as base", [](DiskChain& c) { c.layers[0].format = LayerFormat::kvmig_delta; }},
+      {"delta size differs", [](DiskChain& c) { c.layers[1].size += 512; }},
+      {"unaligned raw", [](DiskChain& c) { c.layers[0].size = 1000, c.layers[1].size = 1000; }},
+      {"qcow2 on a delta",
+       [](DiskChain& c) { c.layers.push_back({LayerFormat::qcow2, 196616, 5, 6, "vm/top.qcow2"}); }},
+      {"unknown format", [](DiskChain& c) { c.layers[1].format = static_cast<LayerFormat>(7); }},
+      {"empty", [](DiskChain& c) { c.layers.clear(); }},
+      {"too many", [](DiskChain& c) {
+         for (int i = 0; i < 70; ++i) c.layers.push_back({LayerFormat::kvmig_delta, 32 << 20, 0, 0, "l" + std::to_string(i)});
+       }},
+  };
+  for (const Case& k : cases) {
+    DiskChain c = good_chain();
+    k.edit(c);
+    EXPECT_FALSE(validate(c).ok()) << k.what;
+    EXPECT_FALSE(decode_disk_chain(encode(c), "CHAIN").ok()) << k.what;
+  }
+  // qcow2 files may have any size; a qcow2 layer may sit on a raw base.
+  DiskChain q;
+  q.layers.push_back({LayerFormat::raw, 1 << 20, 0, 0, "b.raw"});
+  q.layers.push_back({LayerFormat::qcow2, 196616, 0, 0, "t.qcow2"});
+  EXPECT_TRUE(validate(q).ok()) << validate(q).error().message;
+}
+
+TEST(DiskMessages, OpenAcceptsAnUnalignedSizeOnlyForLayerFiles) {
+  DiskOpen m = good_open();
+  m.image_size = 196616;
+  EXPECT_FALSE(validate(m).ok());
+  m.flags = kOpenAnySize;
+  EXPECT_TRUE(validate(m).ok());
+  m.flags = 1u << 7;
+  EXPECT_FALSE(validate(m).ok());
 }
 
 TEST(DiskMessages, ErrorCarriesCodeAndText) {

@@ -71,11 +71,50 @@ TEST(Messages, HelloFieldsAreChecked) {
   h = sample_hello();
   h.streams = kMaxStreams + 1;
   EXPECT_EQ(code(h), WireCode::malformed);
-  auto bytes = encode(sample_hello());
+  Hello v1 = sample_hello();
+  v1.version = 1;
+  auto bytes = encode(v1);
   bytes.push_back(0);
   EXPECT_EQ(wire_code_of(decode_hello(bytes, 1).error()), WireCode::malformed);
   bytes.resize(bytes.size() - 5);
   EXPECT_EQ(wire_code_of(decode_hello(bytes, 1).error()), WireCode::malformed);
+}
+
+// Version 2: HELLO names the VM, so the destination's placeholder gets the same name.
+TEST(Messages, HelloCarriesTheVmNameFromVersion2) {
+  Hello h = sample_hello();
+  h.vm_name = "web-01 (blue)";
+  auto back = decode_hello(encode(h), 2);
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  EXPECT_EQ(back->vm_name, "web-01 (blue)");
+  EXPECT_EQ(back->migration_id, "mig-42");
+}
+
+// A version-1 source (no name in HELLO) is still accepted: its VM arrives nameless.
+TEST(Messages, Version1HelloWithoutANameIsStillAccepted) {
+  Hello h = sample_hello();
+  h.version = 1;
+  h.vm_name = "dropped";
+  auto bytes = encode(h);
+  EXPECT_EQ(bytes.size() + 4, encode(sample_hello()).size()) << "v1 has no name field (v2: u32 length + bytes)";
+  auto back = decode_hello(bytes, 1);
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  EXPECT_EQ(back->vm_name, "");
+  EXPECT_EQ(back->version, 1u);
+  EXPECT_EQ(*agree_version(1), 1) << "the previous version is agreed on";
+}
+
+TEST(Messages, HelloVmNameIsChecked) {
+  auto code = [](const std::string& name) {
+    Hello h = sample_hello();
+    h.vm_name = name;
+    auto r = decode_hello(encode(h), 2);
+    return r.ok() ? WireCode::none : wire_code_of(r.error());
+  };
+  EXPECT_EQ(code(std::string(kMaxVmName, 'n')), WireCode::none);
+  EXPECT_EQ(code(std::string(kMaxVmName + 1, 'n')), WireCode::oversize);
+  EXPECT_EQ(code("two\nlines"), WireCode::malformed);
+  EXPECT_EQ(code(std::string("nul\0", 4)), WireCode::malformed);
 }
 
 TEST(Messages, SmallMessagesRoundTrip) {

@@ -16,8 +16,10 @@ TEST(MigrateRequest, DefaultsAndFields) {
   EXPECT_FALSE(o->ring);
   EXPECT_EQ(o->granularity, 4096u);
   EXPECT_DOUBLE_EQ(o->max_downtime, 0.005);
+  EXPECT_EQ(o->compress, helper::CompressMode::off);
   auto p = host::parse_migrate_request({{"to", "unix:/tmp/x"}, {"streams", 4}, {"dirty_tracking", "ring"},
-                                        {"granularity", 2 << 20}, {"max_downtime_ms", 10}, {"verify", true}});
+                                        {"granularity", 2 << 20}, {"max_downtime_ms", 10}, {"verify", true},
+                                        {"compress", "auto"}});
   ASSERT_TRUE(p.ok()) << p.error().message;
   EXPECT_TRUE(p->to.is_unix);
   EXPECT_EQ(p->streams, 4);
@@ -25,6 +27,14 @@ TEST(MigrateRequest, DefaultsAndFields) {
   EXPECT_TRUE(p->verify);
   EXPECT_EQ(p->granularity, 2u << 20);
   EXPECT_DOUBLE_EQ(p->max_downtime, 0.010);
+  EXPECT_EQ(p->compress, helper::CompressMode::automatic);
+  // Older callers sent a boolean.
+  auto on = host::parse_migrate_request({{"to", "h:1"}, {"compress", true}});
+  ASSERT_TRUE(on.ok()) << on.error().message;
+  EXPECT_EQ(on->compress, helper::CompressMode::on);
+  auto off = host::parse_migrate_request({{"to", "h:1"}, {"compress", false}});
+  ASSERT_TRUE(off.ok()) << off.error().message;
+  EXPECT_EQ(off->compress, helper::CompressMode::off);
 }
 
 TEST(MigrateRequest, BadFieldsNameTheField) {
@@ -45,6 +55,7 @@ TEST(MigrateRequest, BadFieldsNameTheField) {
       {{{"to", "h:1"}, {"max_downtime_ms", "5"}}, "\"max_downtime_ms\""},
       {{{"to", "h:1"}, {"timeout_s", -1}}, "\"timeout_s\""},
       {{{"to", "h:1"}, {"compress", 1}}, "\"compress\""},
+      {{{"to", "h:1"}, {"compress", "fast"}}, "\"compress\""},
   };
   for (const Bad& b : bad) {
     auto r = host::parse_migrate_request(b.req);

@@ -228,5 +228,22 @@ TEST(RecoveryPlan, InDoubtTouchesNothing) {
   EXPECT_NE(p.problem.find("in doubt"), std::string::npos);
 }
 
+// A VM that left its site and came back by a later migration has the same UUID there: for
+// the first migration it is another copy, never to be destroyed or resumed by its recovery.
+TEST(RecoveryPlan, MigratedWithALaterCopyAtTheSourceDestroysNothing) {
+  RecoveryPlan p = plan_recovery(check(fully_migrated(), source(SourceState::other)));
+  ASSERT_EQ(p.steps.size(), 1u);
+  EXPECT_EQ(p.steps[0], RecoveryStep::record_released);
+  EXPECT_TRUE(p.problem.empty());
+  EXPECT_TRUE(plan_recovery(check(fully_migrated(), source(SourceState::other, true))).steps.empty());
+}
+
+TEST(RecoveryPlan, NotMigratedWithALaterCopyAtTheSourceOnlyFences) {
+  RecoveryPlan p = plan_recovery(check(started_only(), source(SourceState::other)));
+  ASSERT_EQ(p.steps.size(), 1u);
+  EXPECT_EQ(p.steps[0], RecoveryStep::fence_destination);
+  EXPECT_TRUE(p.problem.empty());
+}
+
 }  // namespace
 }  // namespace kvmig::host
