@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Live disk migration (docs/disk-migration.md): the test guest writes its 2 GiB disk at
-# 50 MiB/s (disk=1 drate=50, each pattern) while `kvmig migrate` moves it, memory and disk,
+# Live disk migration (docs/disk-migration.md): the test guest writes its 2 GiB disk at up to
+# 50 MiB/s (disk=1 drate=50 in 64 KiB blocks, each pattern; the rate it really managed during
+# the move is measured from its console) while `kvmig migrate` moves it, memory and disk,
 # to a `kvmig receive --disk` on this host over loopback TCP. Reported per pattern: whether
 # pre-copy converged and the migration completed, total time, downtime, the disk part of the
 # pause (drain + last harvest + final blocks, from the report), disk bytes and rounds, hot

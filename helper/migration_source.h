@@ -28,8 +28,8 @@ struct SourceOptions {
   bool verify = false;                  // XXH3 of all guest RAM compared before COMMIT
   bool ring = false;                    // dirty ring instead of the bitmap
   uint64_t granularity = 4096;          // trace granularity, 4 KiB .. 2 MiB
-  double max_downtime = 0.005;
-  double max_disk_downtime = 0.020;     // seconds of the pause the disks may take (docs/disk-migration.md)          // seconds
+  double max_downtime = 0.005;          // seconds
+  double max_disk_downtime = 0.020;     // seconds of the pause the disks may take (docs/disk-migration.md)
   double timeout = 60;                  // seconds of pre-copy before giving up; 0 = none
   uint8_t hot_rounds = 3;               // rounds in a row dirty before a page counts as hot
   std::string migration_id;             // empty: a random one
