@@ -31,6 +31,8 @@ GUEST=$BUILD/tests/guests/kvmig-guest.elf
 patterns="seq random hotcold"
 
 die() { echo "disk_migration: $*" >&2; exit 2; }
+# shellcheck source=bench/lib.sh
+. "$SRC/bench/lib.sh"
 while [ $# -gt 0 ]; do
   case $1 in
     --patterns) [ $# -ge 2 ] || die "--patterns needs a value"; patterns=$2; shift ;;
@@ -48,17 +50,11 @@ command -v jq >/dev/null || die "jq is needed to read the JSON reports (apt-get 
 [ -x "$KVMIG" ] || die "no kvmig at $KVMIG; build it first (scripts/build)"
 [ -f "$GUEST" ] || die "no test guest at $GUEST"
 
-mkdir -p "$OUT"
-results=$OUT/disk-migration-$(date +%Y%m%d-%H%M%S).jsonl
-: >"$results"
+results=$(new_results disk-migration) || exit 2
 not_run=()
 
 last_n() {  # file regex: the n= of the last matching console line (0 if none)
   { grep -a "$2" "$1" 2>/dev/null || true; } | tail -n1 | sed -n 's/.* n=\([0-9]*\).*/\1/p' | grep . || echo 0
-}
-wait_until() {  # seconds command...
-  local deadline=$((SECONDS + $1)); shift
-  until "$@"; do [ $SECONDS -ge $deadline ] && return 1; sleep 0.2; done
 }
 last_writes() { { grep -a 'kvmig-guest: disk pass n=' "$1" 2>/dev/null || true; } | tail -n1 | sed -n 's/.* writes=\([0-9]*\).*/\1/p' | grep . || echo 0; }
 disk_passes_at_least() { [ "$(last_n "$1" 'kvmig-guest: disk pass n=')" -ge "$2" ]; }
@@ -138,10 +134,4 @@ jq -r '[.pattern, (.guest_disk_mibps*10|round/10), .result, (.total_ms|floor), (
         ((.disk.bytes // 0)/1048576|floor), (.disk.rounds // 0),
         (.disk.final_hot_blocks // 0), (.disk.final_blocks // 0), (.stop_and_copy_ms // "-")]
        | "| " + (map(tostring) | join(" | ")) + " |"' "$results"
-echo
-echo "raw reports: $results"
-if [ ${#not_run[@]} -gt 0 ]; then
-  echo
-  for n in "${not_run[@]}"; do echo "COULD NOT RUN: $n"; done
-  exit 1
-fi
+end_report "$results" "COULD NOT RUN" "${not_run[@]}"

@@ -27,6 +27,8 @@ GUEST=$BUILD/tests/guests/kvmig-guest.elf
 granularities="4K 64K 2M" workloads="full paced"
 
 die() { echo "granularity: $*" >&2; exit 2; }
+# shellcheck source=bench/lib.sh
+. "$SRC/bench/lib.sh"
 while [ $# -gt 0 ]; do
   case $1 in
     --granularities) [ $# -ge 2 ] || die "--granularities needs a value"; granularities=$2; shift ;;
@@ -50,16 +52,10 @@ cmdline_of() {
 }
 for w in $workloads; do cmdline_of "$w" >/dev/null; done
 
-mkdir -p "$OUT"
-results=$OUT/granularity-$(date +%Y%m%d-%H%M%S).jsonl
-: >"$results"
+results=$(new_results granularity) || exit 2
 failed=()
 
 pass_lines() { grep -a 'kvmig-guest: pass vcpu=0 ' "$1" 2>/dev/null || true; }
-wait_until() {  # seconds command...
-  local deadline=$((SECONDS + $1)); shift
-  until "$@"; do [ $SECONDS -ge $deadline ] && return 1; sleep 0.1; done
-}
 passes_at_least() { [ "$(pass_lines "$1" | tail -n1 | sed -n 's/.* n=\([0-9]*\) .*/\1/p' | grep . || echo 0)" -ge "$2" ]; }
 
 # Writes per TSC tick from pass lines (writes=W ... tsc=T): over lines [from, to] (1-based).
@@ -120,9 +116,4 @@ jq -r '[.workload, .granularity, .result, (.total_ms|floor), (.downtime_ms*10|ro
         (.bytes/1048576*10|round/10), .iterations, .pages, (.max_throttle*100|round|tostring + " %"),
         (if .rate_before > 0 and .lines_during > 0 then (.rate_during / .rate_before * 100 | round | tostring) + " %"
          else "-" end)] | "| " + (map(tostring) | join(" | ")) + " |"' "$results"
-echo
-echo "raw reports: $results"
-if [ ${#failed[@]} -gt 0 ]; then
-  for f in "${failed[@]}"; do echo "FAILED: $f"; done
-  exit 1
-fi
+end_report "$results" FAILED "${failed[@]}"

@@ -30,6 +30,8 @@ GUEST=$BUILD/tests/guests/kvmig-guest.elf
 run_qemu=1 run_kvmig=1 scenarios="idle hot256 hot1g"
 
 die() { echo "migrate_vs_qemu: $*" >&2; exit 2; }
+# shellcheck source=bench/lib.sh
+. "$SRC/bench/lib.sh"
 while [ $# -gt 0 ]; do
   case $1 in
     --qemu-only) run_kvmig=0 ;;
@@ -54,9 +56,7 @@ cmdline_of() {
 }
 for s in $scenarios; do cmdline_of "$s" >/dev/null; done
 
-mkdir -p "$OUT"
-results=$OUT/results-$(date +%Y%m%d-%H%M%S).jsonl
-: >"$results"
+results=$(new_results results) || exit 2
 not_run=()
 
 # ---- QEMU ---------------------------------------------------------------------------------
@@ -79,10 +79,6 @@ qemu_row() {  # scenario config extra-args...
 # Last pass count of vCPU 0 in a console file (0 if none yet).
 last_pass() { { grep -a 'kvmig-guest: pass vcpu=0 ' "$1" 2>/dev/null || true; } | tail -n1 | sed -n 's/.* n=\([0-9]*\) .*/\1/p' | grep . || echo 0; }
 passes_at_least() { [ "$(last_pass "$1")" -ge "$2" ]; }
-wait_until() {  # seconds command...
-  local deadline=$((SECONDS + $1)); shift
-  until "$@"; do [ $SECONDS -ge $deadline ] && return 1; sleep 0.2; done
-}
 
 kvmig_row() {  # scenario config migrate-args...
   local scenario=$1 config=$2; shift 2
@@ -155,10 +151,4 @@ jq -r '[.scenario, .tool, .config, .result,
         (.setup_ms|floor), (.bytes/1048576*10|round/10), .iterations, .pages, .zero_pages,
         (.dirty_rate/1e6|round), (.bandwidth_mbps|round)] | "| " + (map(tostring) | join(" | ")) + " |"' \
   <(jq -s -c 'sort_by(({"idle": 0, "hot256": 1, "hot1g": 2}[.scenario] // 9), .config, .tool) | .[]' "$results")
-echo
-echo "raw reports: $results"
-if [ ${#not_run[@]} -gt 0 ]; then
-  echo
-  for n in "${not_run[@]}"; do echo "COULD NOT RUN: $n"; done
-  exit 1
-fi
+end_report "$results" "COULD NOT RUN" "${not_run[@]}"

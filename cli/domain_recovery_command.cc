@@ -60,7 +60,7 @@ Opened open_sites(const char* command, const DomainSiteOptions& opt) {
 
 // Every domain of the migration, with its libvirt facts; in doubt when the destination's
 // libvirtd cannot be asked (its placeholders are the seed's second and third question).
-std::vector<DomainStatus> statuses(const char* command, Opened& o, const DomainSiteOptions& opt) {
+std::vector<DomainStatus> read_statuses(const char* command, Opened& o, const DomainSiteOptions& opt) {
   if (o.dest_error.empty()) {
     LibvirtSites sites{*o.dest_records, o.dest, *o.src_records, o.source};
     auto r = read_domain_status(sites, opt.migration, opt.vms);
@@ -79,6 +79,16 @@ std::vector<DomainStatus> statuses(const char* command, Opened& o, const DomainS
   return out;
 }
 
+// As read_statuses, but none at all is an error (one line, kSiteError): the migration id is
+// wrong, or its records are gone and only --vm can name the domains (so that COMMAND can VERB them).
+std::vector<DomainStatus> statuses(const char* command, const char* verb, Opened& o, const DomainSiteOptions& opt) {
+  std::vector<DomainStatus> all = read_statuses(command, o, opt);
+  if (all.empty())
+    command_fail(command, kSiteError, "no records of migration " + opt.migration + " at " + opt.site +
+                                          " (name its domains with --vm to " + verb + " them)");
+  return all;
+}
+
 nlohmann::json domain_json(const DomainStatus& ds) {
   nlohmann::json j = to_json(ds.status);
   j["libvirt"] = {{"handed_over", ds.handed_over},
@@ -94,10 +104,7 @@ nlohmann::json domain_json(const DomainStatus& ds) {
 
 int run_domain_status(const DomainSiteOptions& opt) {
   Opened o = open_sites("status", opt);
-  std::vector<DomainStatus> all = statuses("status", o, opt);
-  if (all.empty())
-    command_fail("status", kSiteError, "no records of migration " + opt.migration + " at " + opt.site +
-                                           " (name its domains with --vm to check them)");
+  std::vector<DomainStatus> all = statuses("status", "check", o, opt);
   bool doubt = false;
   nlohmann::json out = nlohmann::json::array();
   for (const DomainStatus& ds : all) {
@@ -117,10 +124,7 @@ int run_domain_status(const DomainSiteOptions& opt) {
 
 int run_domain_recover(const DomainSiteOptions& opt) {
   Opened o = open_sites("recover", opt);
-  std::vector<DomainStatus> all = statuses("recover", o, opt);
-  if (all.empty())
-    command_fail("recover", kSiteError, "no records of migration " + opt.migration + " at " + opt.site +
-                                            " (name its domains with --vm to recover them)");
+  std::vector<DomainStatus> all = statuses("recover", "recover", o, opt);
   bool unresolved = false;
   nlohmann::json out = nlohmann::json::array();
   for (const DomainStatus& ds : all) {

@@ -106,30 +106,9 @@ int run_vm(const VmRunOptions& opt, std::chrono::steady_clock::time_point start)
   auto memory = kvmig::kvm::parse_size(opt.memory);
   if (!memory.ok()) fail("--memory: " + memory.error().message);
   // Identity and site first: bad input must fail before a VM is built.
-  std::string uuid = opt.uuid;
-  if (!uuid.empty()) {
-    auto u = kvmig::host::canonical_uuid(uuid);
-    if (!u.ok()) fail("--uuid: " + u.error().message);
-    uuid = *u;
-  }
-  if (!opt.name.empty() && opt.site.empty()) fail("--name needs --site (the name lives in the site's registry)");
-  if (opt.name.size() > 255) fail("--name: at most 255 characters");
-  std::unique_ptr<kvmig::host::MicroVmSite> site;
-  kvmig::host::MigrateIdentity identity;
-  if (!opt.site.empty()) {
-    if (opt.no_control) fail("--site needs a control socket: recovery stops and resumes the VM through it");
-    auto s = kvmig::host::MicroVmSite::open(opt.site);
-    if (!s.ok()) fail("--site: " + s.error().message);
-    site = std::move(*s);
-    identity.events = site.get();
-    identity.vm_name = opt.name;
-    if (uuid.empty()) uuid = kvmig::host::random_uuid();
-  }
-  if (!uuid.empty()) {
-    auto bytes = kvmig::host::uuid_bytes(uuid);
-    if (!bytes.ok()) fail("--uuid: " + bytes.error().message);
-    identity.vm_uuid = *bytes;
-  }
+  kvmig::cli::VmSite vm_site = kvmig::cli::open_vm_site(opt.uuid, opt.name, opt.site, opt.no_control);
+  auto& site = vm_site.site;
+  const kvmig::host::MigrateIdentity& identity = vm_site.identity;
   MachineConfig config;
   config.memory = *memory;
   config.vcpus = opt.vcpus;
@@ -149,29 +128,7 @@ int run_vm(const VmRunOptions& opt, std::chrono::steady_clock::time_point start)
   kvmig::host::register_machine_commands(control, vm);
   kvmig::cli::register_state_commands(control, vm);
   kvmig::host::register_migrate_commands(control, vm, identity);
-  if (!opt.no_control) {
-    std::string path = opt.control.empty() ? kvmig::host::ControlServer::default_path() : opt.control;
-    if (auto r = control.start(path); !r.ok()) {
-      // The default location may be unwritable for an unprivileged user; the VM still runs,
-      // unless a site must be able to reach it.
-      if (!opt.control.empty()) fail("--control: " + r.error().message);
-      if (site) fail("--site: no control socket: " + r.error().message);
-      std::fprintf(stderr, "kvmig: warning: no control socket: %s\n", r.error().message.c_str());
-    } else if (opt.verbose) {
-      std::fprintf(stderr, "kvmig: vm: control socket %s\n", path.c_str());
-    }
-  }
-  if (site) {
-    // Absolute: `kvmig status`/`recover` run from anywhere.
-    std::error_code ec;
-    std::string socket = std::filesystem::absolute(control.path(), ec).string();
-    if (ec) socket = control.path();
-    if (auto r = site->register_running(uuid, opt.name, socket); !r.ok()) {
-      control.stop();
-      fail("--site: " + r.error().message);
-    }
-    std::fprintf(stderr, "kvmig: vm: %s registered at site %s\n", uuid.c_str(), opt.site.c_str());
-  }
+  kvmig::cli::start_control(control, opt.control, opt.no_control, opt.verbose, vm_site);
 
   StopOnSignal stop_on_signal(vm);
   if (auto r = vm.start(); !r.ok()) {

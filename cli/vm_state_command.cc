@@ -77,30 +77,9 @@ void run_save(const SaveOptions& opt) {
 
 int run_restore(const RestoreOptions& opt) {
   // Identity and site before anything is built, as `vm run` checks them.
-  std::string uuid = opt.uuid;
-  if (!uuid.empty()) {
-    auto u = host::canonical_uuid(uuid);
-    if (!u.ok()) fail("--uuid: " + u.error().message);
-    uuid = *u;
-  }
-  if (!opt.name.empty() && opt.site.empty()) fail("--name needs --site (the name lives in the site's registry)");
-  if (opt.name.size() > 255) fail("--name: at most 255 characters");
-  std::unique_ptr<host::MicroVmSite> site;
-  host::MigrateIdentity identity;
-  if (!opt.site.empty()) {
-    if (opt.no_control) fail("--site needs a control socket: recovery stops and resumes the VM through it");
-    auto s = host::MicroVmSite::open(opt.site);
-    if (!s.ok()) fail("--site: " + s.error().message);
-    site = std::move(*s);
-    identity.events = site.get();
-    identity.vm_name = opt.name;
-    if (uuid.empty()) uuid = host::random_uuid();
-  }
-  if (!uuid.empty()) {
-    auto bytes = host::uuid_bytes(uuid);
-    if (!bytes.ok()) fail("--uuid: " + bytes.error().message);
-    identity.vm_uuid = *bytes;
-  }
+  VmSite vm_site = open_vm_site(opt.uuid, opt.name, opt.site, opt.no_control);
+  auto& site = vm_site.site;
+  const host::MigrateIdentity& identity = vm_site.identity;
   auto reader = kvm::StateFileReader::open(opt.file);
   if (!reader.ok()) fail(reader.error().message);
   auto config = kvm::read_machine_config(*reader);
@@ -124,24 +103,7 @@ int run_restore(const RestoreOptions& opt) {
   host::register_machine_commands(control, vm);
   host::register_migrate_commands(control, vm, identity);
   register_state_commands(control, vm);
-  if (!opt.no_control) {
-    std::string path = opt.control.empty() ? host::ControlServer::default_path() : opt.control;
-    if (auto r = control.start(path); !r.ok()) {
-      if (!opt.control.empty()) fail("--control: " + r.error().message);
-      if (site) fail("--site: no control socket: " + r.error().message);
-      std::fprintf(stderr, "kvmig: warning: no control socket: %s\n", r.error().message.c_str());
-    }
-  }
-  if (site) {
-    std::error_code ec;
-    std::string socket = std::filesystem::absolute(control.path(), ec).string();
-    if (ec) socket = control.path();
-    if (auto r = site->register_running(uuid, opt.name, socket); !r.ok()) {
-      control.stop();
-      fail("--site: " + r.error().message);
-    }
-    std::fprintf(stderr, "kvmig: vm: %s registered at site %s\n", uuid.c_str(), opt.site.c_str());
-  }
+  start_control(control, opt.control, opt.no_control, opt.verbose, vm_site);
   if (auto r = vm.start(); !r.ok()) {
     control.stop();
     if (site) site->leave();
@@ -177,6 +139,57 @@ void print_disk_stats(kvm::Machine& machine) {
                  s.bytes_read / 1048576.0, (unsigned long long)s.writes, s.bytes_written / 1048576.0,
                  (unsigned long long)s.flushes, (unsigned long long)s.bad_requests, (unsigned long long)s.io_errors,
                  (unsigned long long)s.ring_errors);
+  }
+}
+
+VmSite open_vm_site(const std::string& uuid, const std::string& name, const std::string& site_dir,
+                    bool no_control) {
+  VmSite v{.uuid = uuid, .name = name, .dir = site_dir};
+  if (!v.uuid.empty()) {
+    auto u = host::canonical_uuid(v.uuid);
+    if (!u.ok()) fail("--uuid: " + u.error().message);
+    v.uuid = *u;
+  }
+  if (!name.empty() && site_dir.empty()) fail("--name needs --site (the name lives in the site's registry)");
+  if (name.size() > 255) fail("--name: at most 255 characters");
+  if (!site_dir.empty()) {
+    if (no_control) fail("--site needs a control socket: recovery stops and resumes the VM through it");
+    auto s = host::MicroVmSite::open(site_dir);
+    if (!s.ok()) fail("--site: " + s.error().message);
+    v.site = std::move(*s);
+    v.identity.events = v.site.get();
+    v.identity.vm_name = name;
+    if (v.uuid.empty()) v.uuid = host::random_uuid();
+  }
+  if (!v.uuid.empty()) {
+    auto bytes = host::uuid_bytes(v.uuid);
+    if (!bytes.ok()) fail("--uuid: " + bytes.error().message);
+    v.identity.vm_uuid = *bytes;
+  }
+  return v;
+}
+
+void start_control(host::ControlServer& control, const std::string& path, bool no_control, bool verbose,
+                   VmSite& v) {
+  if (!no_control) {
+    std::string where = path.empty() ? host::ControlServer::default_path() : path;
+    if (auto r = control.start(where); !r.ok()) {
+      if (!path.empty()) fail("--control: " + r.error().message);
+      if (v.site) fail("--site: no control socket: " + r.error().message);
+      std::fprintf(stderr, "kvmig: warning: no control socket: %s\n", r.error().message.c_str());
+    } else if (verbose) {
+      std::fprintf(stderr, "kvmig: vm: control socket %s\n", where.c_str());
+    }
+  }
+  if (v.site) {
+    std::error_code ec;
+    std::string socket = std::filesystem::absolute(control.path(), ec).string();
+    if (ec) socket = control.path();
+    if (auto r = v.site->register_running(v.uuid, v.name, socket); !r.ok()) {
+      control.stop();
+      fail("--site: " + r.error().message);
+    }
+    std::fprintf(stderr, "kvmig: vm: %s registered at site %s\n", v.uuid.c_str(), v.dir.c_str());
   }
 }
 

@@ -81,31 +81,41 @@ bool number(std::string_view s, T& out) {
   return !s.empty() && ec == std::errc{} && p == s.data() + s.size();
 }
 
+// A whole report line: the prefix, then exactly the keys given.
+inline bool line_fields(std::string_view line, std::string_view prefix,
+                        std::initializer_list<std::string_view> keys, std::vector<std::string_view>& out) {
+  return line.starts_with(prefix) && fields(line.substr(prefix.size()), keys, out);
+}
+
+// A rate field: "max" (no limit, nullopt) or MiB/s.
+inline bool rate(std::string_view s, std::optional<uint64_t>& out) {
+  if (s == "max") {
+    out.reset();
+    return true;
+  }
+  uint64_t v = 0;
+  if (!number(s, v)) return false;
+  out = v;
+  return true;
+}
+
 }  // namespace detail
 
 inline std::optional<StartLine> parse_start(std::string_view line) {
-  constexpr std::string_view prefix = "kvmig-guest: start ";
-  if (!line.starts_with(prefix)) return std::nullopt;
   std::vector<std::string_view> f;
   StartLine r;
-  if (!detail::fields(line.substr(prefix.size()), {"vcpus", "ws_pages", "pattern", "rate"}, f) ||
-      !detail::number(f[0], r.vcpus) || !detail::number(f[1], r.ws_pages) || f[2].empty())
+  if (!detail::line_fields(line, "kvmig-guest: start ", {"vcpus", "ws_pages", "pattern", "rate"}, f) ||
+      !detail::number(f[0], r.vcpus) || !detail::number(f[1], r.ws_pages) || f[2].empty() ||
+      !detail::rate(f[3], r.rate_mibps))
     return std::nullopt;
   r.pattern = std::string(f[2]);
-  if (f[3] != "max") {
-    uint64_t rate = 0;
-    if (!detail::number(f[3], rate)) return std::nullopt;
-    r.rate_mibps = rate;
-  }
   return r;
 }
 
 inline std::optional<PassLine> parse_pass(std::string_view line) {
-  constexpr std::string_view prefix = "kvmig-guest: pass ";
-  if (!line.starts_with(prefix)) return std::nullopt;
   std::vector<std::string_view> f;
   PassLine r;
-  if (!detail::fields(line.substr(prefix.size()), {"vcpu", "n", "writes", "errors", "tsc"}, f) ||
+  if (!detail::line_fields(line, "kvmig-guest: pass ", {"vcpu", "n", "writes", "errors", "tsc"}, f) ||
       !detail::number(f[0], r.vcpu) || !detail::number(f[1], r.n) || !detail::number(f[2], r.writes) ||
       !detail::number(f[3], r.errors) || !detail::number(f[4], r.tsc))
     return std::nullopt;
@@ -113,11 +123,9 @@ inline std::optional<PassLine> parse_pass(std::string_view line) {
 }
 
 inline std::optional<CorruptLine> parse_corrupt(std::string_view line) {
-  constexpr std::string_view prefix = "kvmig-guest: corrupt ";
-  if (!line.starts_with(prefix)) return std::nullopt;
   std::vector<std::string_view> f;
   CorruptLine r;
-  if (!detail::fields(line.substr(prefix.size()), {"vcpu", "page", "want", "got"}, f) ||
+  if (!detail::line_fields(line, "kvmig-guest: corrupt ", {"vcpu", "page", "want", "got"}, f) ||
       !detail::number(f[0], r.vcpu) || !detail::number(f[1], r.page) || !detail::number(f[2], r.want) ||
       !detail::number(f[3], r.got))
     return std::nullopt;
@@ -125,11 +133,9 @@ inline std::optional<CorruptLine> parse_corrupt(std::string_view line) {
 }
 
 inline std::optional<DoneLine> parse_done(std::string_view line) {
-  constexpr std::string_view prefix = "kvmig-guest: done ";
-  if (!line.starts_with(prefix)) return std::nullopt;
   std::vector<std::string_view> f;
   DoneLine r;
-  if (!detail::fields(line.substr(prefix.size()), {"result", "passes", "errors"}, f) ||
+  if (!detail::line_fields(line, "kvmig-guest: done ", {"result", "passes", "errors"}, f) ||
       (f[0] != "pass" && f[0] != "fail") || !detail::number(f[1], r.passes) ||
       !detail::number(f[2], r.errors))
     return std::nullopt;
@@ -138,28 +144,20 @@ inline std::optional<DoneLine> parse_done(std::string_view line) {
 }
 
 inline std::optional<DiskStartLine> parse_disk_start(std::string_view line) {
-  constexpr std::string_view prefix = "kvmig-guest: disk start ";
-  if (!line.starts_with(prefix)) return std::nullopt;
   std::vector<std::string_view> f;
   DiskStartLine r;
-  if (!detail::fields(line.substr(prefix.size()), {"blocks", "block", "pattern", "rate"}, f) ||
-      !detail::number(f[0], r.blocks) || !detail::number(f[1], r.block_bytes) || f[2].empty())
+  if (!detail::line_fields(line, "kvmig-guest: disk start ", {"blocks", "block", "pattern", "rate"}, f) ||
+      !detail::number(f[0], r.blocks) || !detail::number(f[1], r.block_bytes) || f[2].empty() ||
+      !detail::rate(f[3], r.rate_mibps))
     return std::nullopt;
   r.pattern = std::string(f[2]);
-  if (f[3] != "max") {
-    uint64_t rate = 0;
-    if (!detail::number(f[3], rate)) return std::nullopt;
-    r.rate_mibps = rate;
-  }
   return r;
 }
 
 inline std::optional<DiskPassLine> parse_disk_pass(std::string_view line) {
-  constexpr std::string_view prefix = "kvmig-guest: disk pass ";
-  if (!line.starts_with(prefix)) return std::nullopt;
   std::vector<std::string_view> f;
   DiskPassLine r;
-  if (!detail::fields(line.substr(prefix.size()), {"n", "writes", "reads", "errors"}, f) ||
+  if (!detail::line_fields(line, "kvmig-guest: disk pass ", {"n", "writes", "reads", "errors"}, f) ||
       !detail::number(f[0], r.n) || !detail::number(f[1], r.writes) || !detail::number(f[2], r.reads) ||
       !detail::number(f[3], r.errors))
     return std::nullopt;
@@ -167,11 +165,9 @@ inline std::optional<DiskPassLine> parse_disk_pass(std::string_view line) {
 }
 
 inline std::optional<DiskCorruptLine> parse_disk_corrupt(std::string_view line) {
-  constexpr std::string_view prefix = "kvmig-guest: disk corrupt ";
-  if (!line.starts_with(prefix)) return std::nullopt;
   std::vector<std::string_view> f;
   DiskCorruptLine r;
-  if (!detail::fields(line.substr(prefix.size()), {"block", "want", "got", "why"}, f) ||
+  if (!detail::line_fields(line, "kvmig-guest: disk corrupt ", {"block", "want", "got", "why"}, f) ||
       !detail::number(f[0], r.block) || !detail::number(f[1], r.want) || !detail::number(f[2], r.got) ||
       f[3].empty())
     return std::nullopt;
@@ -180,12 +176,10 @@ inline std::optional<DiskCorruptLine> parse_disk_corrupt(std::string_view line) 
 }
 
 inline std::optional<DiskBadRequestsLine> parse_disk_bad_requests(std::string_view line) {
-  constexpr std::string_view prefix = "kvmig-guest: disk bad-requests ";
-  if (!line.starts_with(prefix)) return std::nullopt;
   std::vector<std::string_view> f;
   DiskBadRequestsLine r;
-  if (!detail::fields(line.substr(prefix.size()), {"rejected", "of"}, f) || !detail::number(f[0], r.rejected) ||
-      !detail::number(f[1], r.of))
+  if (!detail::line_fields(line, "kvmig-guest: disk bad-requests ", {"rejected", "of"}, f) ||
+      !detail::number(f[0], r.rejected) || !detail::number(f[1], r.of))
     return std::nullopt;
   return r;
 }

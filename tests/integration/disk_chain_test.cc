@@ -31,11 +31,8 @@ using kvmig::test::hash_of;
 using kvmig::test::read_file;
 using kvmig::test::Server;
 
-struct KRun : kvmig::test::CliRun {
-  nlohmann::json json() const { return nlohmann::json::parse(out, nullptr, false); }
-};
-
-int lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
+using KRun = kvmig::test::JsonRun;
+using kvmig::test::line_count;
 
 void fill(const fs::path& p, uint64_t offset, uint64_t length, int pattern) {
   kvmig::Fd fd(::open(p.c_str(), O_WRONLY));
@@ -81,7 +78,7 @@ class DiskChain : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir_); }
 
-  KRun kvmig(const std::string& args) { return {kvmig::test::run_kvmig(args)}; }
+  KRun kvmig(const std::string& args) { return kvmig::test::run_kvmig_json(args); }
 
   // base.raw (32 MiB, data at 0..8M and 16..20M), pre-copied or not, then a delta on top
   // that overrides 2..3M with new data and 17..18M with zeros.
@@ -234,7 +231,7 @@ TEST_F(DiskChain, CorruptedDestinationLayerBehindAStaleCachedIdIsDetectedAndCopi
 
   KRun refused = kvmig(copy + " --retries 0");
   EXPECT_EQ(refused.status, 1);
-  EXPECT_EQ(lines(refused.err), 1) << refused.err;
+  EXPECT_EQ(line_count(refused.err), 1) << refused.err;
   EXPECT_NE(refused.err.find("another content ID"), std::string::npos) << refused.err;
 
   KRun fixed = kvmig(copy + " --overwrite");
@@ -332,7 +329,7 @@ TEST_F(DiskChain, BadChainsAreRefusedWithOneLineAndTheSourceUntouched) {
   for (const Case& c : cases) {
     KRun r = kvmig("disk copy " + (src / c.image).string() + " " + server.at("vm/x.img") + " --retries 0");
     EXPECT_EQ(r.status, 1) << c.image << ": " << r.err;
-    EXPECT_EQ(lines(r.err), 1) << c.image << ": " << r.err;
+    EXPECT_EQ(line_count(r.err), 1) << c.image << ": " << r.err;
     EXPECT_NE(r.err.find(c.expect), std::string::npos) << c.image << ": " << r.err;
   }
   std::vector<uint64_t> after;

@@ -37,9 +37,8 @@ using kvmig::test::allocated;
 using kvmig::test::hash_of;
 using kvmig::test::Server;
 
-struct CliRun : kvmig::test::CliRun {
-  nlohmann::json json() const { return nlohmann::json::parse(out, nullptr, false); }
-};
+using CliRun = kvmig::test::JsonRun;
+using kvmig::test::line_count;
 
 class DiskCopy : public ::testing::Test {
  protected:
@@ -73,11 +72,7 @@ class DiskCopy : public ::testing::Test {
     return p;
   }
 
-  CliRun kvmig(const std::string& args) { return {kvmig::test::run_kvmig(args)}; }
-
-  static int lines(const std::string& s) {
-    return static_cast<int>(std::count(s.begin(), s.end(), '\n'));
-  }
+  CliRun kvmig(const std::string& args) { return kvmig::test::run_kvmig_json(args); }
 
   fs::path dir_;
   std::string mounted_;
@@ -112,7 +107,7 @@ TEST_F(DiskCopy, BrokenConnectionResumesFromTheAcknowledgedOffset) {
   CliRun broken = kvmig("disk copy " + img.string() + " " + server.at("r.img") +
                      " --fault-drop-after 20M --retries 0");
   EXPECT_NE(broken.status, 0);
-  EXPECT_EQ(lines(broken.err), 1) << broken.err;
+  EXPECT_EQ(line_count(broken.err), 1) << broken.err;
   EXPECT_NE(broken.err.find("fault injection"), std::string::npos) << broken.err;
   // Give the server a moment to notice the broken connection and record its progress.
   nlohmann::json marker;
@@ -203,7 +198,7 @@ TEST_F(DiskCopy, BadInputIsRefusedWithOneLineAndTheSourceUntouched) {
   for (const Case& c : cases) {
     CliRun r = kvmig("disk copy " + c.args + " --retries 0");
     EXPECT_EQ(r.status, 1) << c.args << ": " << r.err;
-    EXPECT_EQ(lines(r.err), 1) << c.args << ": " << r.err;
+    EXPECT_EQ(line_count(r.err), 1) << c.args << ": " << r.err;
     EXPECT_NE(r.err.find(c.expect), std::string::npos) << c.args << ": " << r.err;
   }
   EXPECT_TRUE(fs::is_empty(dir_ / "outside"));
@@ -228,7 +223,7 @@ TEST_F(DiskCopy, FullDestinationDiskIsAClearError) {
   ASSERT_GT(server.port(), 0);
   CliRun r = kvmig("disk copy " + img.string() + " " + server.at("full.img") + " --retries 0");
   EXPECT_EQ(r.status, 1);
-  EXPECT_EQ(lines(r.err), 1) << r.err;
+  EXPECT_EQ(line_count(r.err), 1) << r.err;
   EXPECT_NE(r.err.find("disk full"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(small / "full.img"));  // refused before a byte: nothing left
 }
@@ -264,7 +259,7 @@ TEST_F(DiskCopy, DiskFullMidWriteFailsCleanlyAndAResumeCompletesAfterSpaceIsFree
   copy.join();
   ASSERT_GE(acked, 8 * kMiB);
   EXPECT_EQ(failed.status, 1) << failed.err;
-  EXPECT_EQ(lines(failed.err), 1) << failed.err;
+  EXPECT_EQ(line_count(failed.err), 1) << failed.err;
   EXPECT_NE(failed.err.find("disk full"), std::string::npos) << failed.err;
   EXPECT_EQ(hash_of(img), before);
   EXPECT_EQ(fs::last_write_time(img), mtime);

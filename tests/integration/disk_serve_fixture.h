@@ -1,6 +1,6 @@
 // What the disk-copy and disk-chain integration tests share: a `kvmig disk serve` child
-// process on an ephemeral loopback port, and whole-file checks computed here, independently
-// of the tool's own.
+// process on an ephemeral loopback port, whole-file checks computed here, independently
+// of the tool's own, and kvmig runs whose --json output they read.
 #pragma once
 
 #include <fcntl.h>
@@ -10,9 +10,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 
@@ -39,6 +41,16 @@ inline uint64_t allocated(const fs::path& p) {
   ::stat(p.c_str(), &st);
   return static_cast<uint64_t>(st.st_blocks) * 512;
 }
+
+// A kvmig run whose stdout is (or should be) --json output; json() is discarded when it is not.
+struct JsonRun : CliRun {
+  nlohmann::json json() const { return nlohmann::json::parse(out, nullptr, false); }
+};
+
+inline JsonRun run_kvmig_json(const std::string& args) { return {run_kvmig(args)}; }
+
+// Error messages must be one line; this counts them.
+inline int line_count(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
 
 // A `kvmig disk serve` child process on an ephemeral loopback port.
 class Server {

@@ -222,5 +222,33 @@ TEST(GuestReportTest, RejectsMalformedLines) {
   EXPECT_FALSE(parse_start("kvmig-guest: start vcpus=1 ws_pages=1 pattern=seq rate=max")->rate_mibps);
 }
 
+// The disk workload's lines go through the same field and rate rules as the memory ones.
+TEST(GuestReportTest, ParsesDiskLinesWithTheSameRules) {
+  auto s = parse_disk_start("kvmig-guest: disk start blocks=64 block=4096 pattern=random rate=8");
+  ASSERT_TRUE(s);
+  EXPECT_EQ(s->blocks, 64u);
+  EXPECT_EQ(s->block_bytes, 4096u);
+  EXPECT_EQ(s->pattern, "random");
+  EXPECT_EQ(s->rate_mibps, std::optional<uint64_t>(8));
+  auto m = parse_disk_start("kvmig-guest: disk start blocks=64 block=4096 pattern=seq rate=max");
+  ASSERT_TRUE(m);
+  EXPECT_FALSE(m->rate_mibps);
+  EXPECT_FALSE(parse_disk_start("kvmig-guest: disk start blocks=64 block=4096 pattern=seq rate=fast"));
+  EXPECT_FALSE(parse_disk_start("kvmig-guest: disk start blocks=64 block=4096 pattern= rate=max"));
+  EXPECT_FALSE(parse_disk_start("kvmig-guest: start blocks=64 block=4096 pattern=seq rate=max"));  // prefix
+  auto p = parse_disk_pass("kvmig-guest: disk pass n=3 writes=10 reads=7 errors=0");
+  ASSERT_TRUE(p);
+  EXPECT_EQ(p->reads, 7u);
+  EXPECT_FALSE(parse_disk_pass("kvmig-guest: disk pass n=3 reads=7 writes=10 errors=0"));  // order
+  auto c = parse_disk_corrupt("kvmig-guest: disk corrupt block=5 want=1 got=2 why=checksum");
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->why, "checksum");
+  EXPECT_FALSE(parse_disk_corrupt("kvmig-guest: disk corrupt block=5 want=1 got=2 why="));
+  auto b = parse_disk_bad_requests("kvmig-guest: disk bad-requests rejected=4 of=4");
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->rejected, 4u);
+  EXPECT_FALSE(parse_disk_bad_requests("kvmig-guest: disk bad-requests rejected=4"));
+}
+
 }  // namespace
 }  // namespace kvmig::guest

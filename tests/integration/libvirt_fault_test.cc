@@ -32,6 +32,33 @@ class LibvirtFaultMatrix : public LibvirtFault {
   }
   void fill_tiny() { (void)run_shell("dd if=/dev/zero of=" + shared_ + "/tiny/fill bs=4k 2>/dev/null"); }
   void free_tiny() { fs::remove(shared_ + "/tiny/fill"); }
+  void kill_libvirtd(int h) {
+    pid_t pid = tb_->libvirtd_pid(h);
+    ASSERT_GT(pid, 0) << "no libvirtd pid at host " << h;
+    ::kill(pid, SIGKILL);
+  }
+
+  // Every domain's job of migration ID is in pre-copy (held there by the 1 MiB/s limit).
+  ::testing::AssertionResult reached_precopy(const std::string& id) {
+    if (wait_until([&] { return in_precopy(at_); }, 60s)) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << migrate_err(id) << jobs(at_);
+  }
+
+  // Stops kvmig M (SIGSTOP) and lets libvirt finish the moves without it. The caller kills M
+  // whatever this returns, then asserts on it.
+  ::testing::AssertionResult handed_over_without(const Child& m) {
+    if (::kill(m.pid, SIGSTOP) != 0) return ::testing::AssertionFailure() << "cannot stop kvmig";
+    set_speed(at_, 8192);
+    if (wait_until([&] { return handed_over(at_, other(at_)); }, 60s)) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "libvirt did not finish the moves without kvmig";
+  }
+
+  // A recover that must succeed (exit 0).
+  CliRun recover_ok(const std::string& id, const Sites& s) {
+    CliRun r = recover(id, s);
+    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    return r;
+  }
 
   // The link between the hosts is down when the migration starts: QEMU cannot connect.
   void link_cut_before_precopy() {
@@ -42,8 +69,7 @@ class LibvirtFaultMatrix : public LibvirtFault {
     // Either libvirt gives up at once, or its job hangs connecting: recovery must cope with both.
     (void)m.wait(10s);
     expect_verdicts(id, sites(from), "not-migrated", 0);
-    auto r = recover(id, sites(from));
-    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    recover_ok(id, sites(from));
     ASSERT_TRUE(tb_->set_link(true));
     ASSERT_TRUE(m.wait(60s).has_value()) << "migrate-domain still runs after recovery";
     EXPECT_EQ(*m.status, 1) << migrate_err(id);
@@ -64,8 +90,7 @@ class LibvirtFaultMatrix : public LibvirtFault {
     EXPECT_EQ(recover(id, sites(from, tiny_site_)).status, 3);
     free_tiny();
     expect_verdicts(id, sites(from, tiny_site_), "not-migrated", 0);
-    auto r = recover(id, sites(from, tiny_site_));
-    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    recover_ok(id, sites(from, tiny_site_));
     expect_once_at(from);
   }
 
@@ -73,13 +98,12 @@ class LibvirtFaultMatrix : public LibvirtFault {
     const std::string id = "lvf-dqemu-pre";
     int from = at_, to = other(at_);
     Child m = migrate(id);
-    ASSERT_TRUE(wait_until([&] { return in_precopy(from); }, 60s)) << migrate_err(id) << jobs(from);
+    ASSERT_TRUE(reached_precopy(id));
     kill_qemus(to);
     ASSERT_TRUE(m.wait(60s).has_value());
     EXPECT_EQ(*m.status, 1) << migrate_err(id);
     expect_verdicts(id, sites(from), "not-migrated", 0);
-    auto r = recover(id, sites(from));
-    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    recover_ok(id, sites(from));
     expect_once_at(from);
   }
 
@@ -87,10 +111,8 @@ class LibvirtFaultMatrix : public LibvirtFault {
     const std::string id = "lvf-dlibvirtd-pre";
     int from = at_, to = other(at_);
     Child m = migrate(id);
-    ASSERT_TRUE(wait_until([&] { return in_precopy(from); }, 60s)) << migrate_err(id) << jobs(from);
-    pid_t pid = tb_->libvirtd_pid(to);
-    ASSERT_GT(pid, 0);
-    ::kill(pid, SIGKILL);
+    ASSERT_TRUE(reached_precopy(id));
+    ASSERT_NO_FATAL_FAILURE(kill_libvirtd(to));
     ASSERT_TRUE(m.wait(90s).has_value()) << "migrate-domain hangs without the destination's libvirtd";
     // Regression: kvmig died of SIGPIPE (exit 141) writing to the dead daemon's socket.
     EXPECT_EQ(*m.status, 1) << migrate_err(id);
@@ -101,8 +123,7 @@ class LibvirtFaultMatrix : public LibvirtFault {
     EXPECT_EQ(r.status, 3) << r.out << r.err;
     ASSERT_TRUE(tb_->start_libvirtd(to));
     expect_verdicts(id, sites(from), "not-migrated", 0);
-    r = recover(id, sites(from));
-    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    recover_ok(id, sites(from));
     expect_once_at(from);
   }
 
@@ -110,11 +131,10 @@ class LibvirtFaultMatrix : public LibvirtFault {
     const std::string id = "lvf-link-pre";
     int from = at_;
     Child m = migrate(id);
-    ASSERT_TRUE(wait_until([&] { return in_precopy(from); }, 60s)) << migrate_err(id) << jobs(from);
+    ASSERT_TRUE(reached_precopy(id));
     ASSERT_TRUE(tb_->set_link(false));
     expect_verdicts(id, sites(from), "not-migrated", 0);
-    auto r = recover(id, sites(from));
-    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    auto r = recover_ok(id, sites(from));
     EXPECT_NE(r.out.find("source migration job aborted"), std::string::npos) << r.out;
     ASSERT_TRUE(tb_->set_link(true));
     ASSERT_TRUE(m.wait(60s).has_value());
@@ -127,11 +147,10 @@ class LibvirtFaultMatrix : public LibvirtFault {
     const std::string id = "lvf-kvmig-pre";
     int from = at_;
     Child m = migrate(id);
-    ASSERT_TRUE(wait_until([&] { return in_precopy(from); }, 60s)) << migrate_err(id) << jobs(from);
+    ASSERT_TRUE(reached_precopy(id));
     m.kill9();
     expect_verdicts(id, sites(from), "not-migrated", 0);
-    auto r = recover(id, sites(from));
-    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    auto r = recover_ok(id, sites(from));
     EXPECT_NE(r.out.find("source migration job aborted"), std::string::npos) << r.out;
     expect_once_at(from);
   }
@@ -141,15 +160,12 @@ class LibvirtFaultMatrix : public LibvirtFault {
     const std::string id = "lvf-kvmig-tag";
     int from = at_, to = other(at_);
     Child m = migrate(id);
-    ASSERT_TRUE(wait_until([&] { return in_precopy(from); }, 60s)) << migrate_err(id) << jobs(from);
-    ASSERT_EQ(::kill(m.pid, SIGSTOP), 0);
-    set_speed(from, 8192);
-    bool over = wait_until([&] { return handed_over(from, to); }, 60s);
+    ASSERT_TRUE(reached_precopy(id));
+    auto over = handed_over_without(m);
     m.kill9();
-    ASSERT_TRUE(over) << "libvirt did not finish the moves without kvmig";
+    ASSERT_TRUE(over);
     expect_verdicts(id, sites(from), "in-doubt", 3);
-    auto r = recover(id, sites(from));
-    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    recover_ok(id, sites(from));
     expect_verdicts(id, sites(from), "migrated", 0);
     expect_once_at(to);
   }
@@ -159,21 +175,16 @@ class LibvirtFaultMatrix : public LibvirtFault {
     const std::string id = "lvf-dlibvirtd-tag";
     int from = at_, to = other(at_);
     Child m = migrate(id);
-    ASSERT_TRUE(wait_until([&] { return in_precopy(from); }, 60s)) << migrate_err(id) << jobs(from);
-    ASSERT_EQ(::kill(m.pid, SIGSTOP), 0);
-    set_speed(from, 8192);
-    bool over = wait_until([&] { return handed_over(from, to); }, 60s);
-    pid_t pid = tb_->libvirtd_pid(to);
-    ASSERT_GT(pid, 0);
-    ::kill(pid, SIGKILL);
+    ASSERT_TRUE(reached_precopy(id));
+    auto over = handed_over_without(m);
+    ASSERT_NO_FATAL_FAILURE(kill_libvirtd(to));
     m.kill9();
-    ASSERT_TRUE(over) << "libvirt did not finish the moves without kvmig";
+    ASSERT_TRUE(over);
     expect_verdicts(id, sites(from), "in-doubt", 3);
     EXPECT_EQ(recover(id, sites(from)).status, 3);
     ASSERT_TRUE(tb_->start_libvirtd(to));
     expect_verdicts(id, sites(from), "in-doubt", 3);  // now: handed over
-    auto r = recover(id, sites(from));
-    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    recover_ok(id, sites(from));
     expect_verdicts(id, sites(from), "migrated", 0);
     expect_once_at(to);
   }
@@ -184,14 +195,13 @@ class LibvirtFaultMatrix : public LibvirtFault {
     int from = at_, to = other(at_);
     free_tiny();
     Child m = migrate(id, tiny_site_);
-    ASSERT_TRUE(wait_until([&] { return in_precopy(from); }, 60s)) << migrate_err(id) << jobs(from);
+    ASSERT_TRUE(reached_precopy(id));
     fill_tiny();
     set_speed(from, 8192);
     ASSERT_TRUE(m.wait(60s).has_value());
     EXPECT_EQ(*m.status, 1) << migrate_err(id);
     expect_verdicts(id, sites(from, tiny_site_), "migrated", 0);
-    auto r = recover(id, sites(from, tiny_site_));
-    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    recover_ok(id, sites(from, tiny_site_));
     free_tiny();
     expect_once_at(to);
   }
@@ -211,7 +221,7 @@ class LibvirtFaultMatrix : public LibvirtFault {
     const std::string id = "lvf-sqemu-pre";
     int from = at_, to = other(at_);
     Child m = migrate(id);
-    ASSERT_TRUE(wait_until([&] { return in_precopy(from); }, 60s)) << migrate_err(id) << jobs(from);
+    ASSERT_TRUE(reached_precopy(id));
     kill_qemus(from);
     ASSERT_TRUE(m.wait(60s).has_value());
     EXPECT_EQ(*m.status, 1) << migrate_err(id);

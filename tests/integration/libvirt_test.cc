@@ -24,6 +24,7 @@
 #include "host/libvirt_placeholder.h"
 #include "host/site_db.h"
 #include "host/site_records.h"
+#include "libvirt_testbed.h"
 #include "test_util.h"
 
 namespace {
@@ -54,17 +55,7 @@ int count(const std::string& text, const std::string& what) {
 // both hosts see, so the lines the destination's QEMU writes follow the source's.
 std::string guest_domain_xml(const std::string& name, const std::string& uuid, const std::string& kernel,
                              const std::string& console) {
-  return "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
-         "<name>" + name + "</name><uuid>" + uuid + "</uuid>"
-         "<memory unit='MiB'>128</memory><vcpu>1</vcpu>"
-         "<os><type arch='x86_64' machine='pc'>hvm</type><kernel>" + kernel + "</kernel>"
-         "<cmdline>ws=8M rate=8 report_ms=100</cmdline></os>"
-         "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
-         "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>"
-         "<qemu:commandline>"
-         "<qemu:arg value='-device'/><qemu:arg value='isa-debugcon,iobase=0xe9,chardev=kvmigcon'/>"
-         "<qemu:arg value='-chardev'/><qemu:arg value='file,id=kvmigcon,path=" + console + ",append=on'/>"
-         "</qemu:commandline></domain>";
+  return kvmig::test::guest_domain_xml(name, uuid, kernel, console, "ws=8M rate=8 report_ms=100", 128, false);
 }
 
 // One testbed for the suite: bringing it up and probing QEMU's capabilities is the slow part.
