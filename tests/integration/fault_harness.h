@@ -37,21 +37,7 @@ struct CmdRun {
 // `args` run with `env` ("K=V") added to this process's environment.
 inline Child spawn_env(const std::vector<std::string>& args, const std::vector<std::string>& env,
                        const std::string& out, const std::string& err) {
-  Child c;
-  c.pid = ::fork();
-  if (c.pid == 0) {
-    for (const std::string& kv : env) ::putenv(const_cast<char*>(kv.c_str()));
-    int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    int e = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    ::dup2(o, 1);
-    ::dup2(e, 2);
-    std::vector<char*> argv;
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    ::execvp(argv[0], argv.data());
-    ::_exit(127);
-  }
-  return c;
+  return spawn(args, out, err, env);
 }
 
 // Child has no move assignment: `to` takes `from`'s process (to's own, if any, is ended).

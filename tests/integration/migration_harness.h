@@ -84,11 +84,14 @@ struct Child {
   }
 };
 
-// Runs `args` (args[0] a path) with stdout/stderr to files.
-inline Child spawn(const std::vector<std::string>& args, const std::string& out, const std::string& err) {
+// Runs `args` (args[0] a path or a command on PATH) with stdout/stderr to files and `env` ("K=V") added to this
+// process's environment.
+inline Child spawn(const std::vector<std::string>& args, const std::string& out, const std::string& err,
+                   const std::vector<std::string>& env = {}) {
   Child c;
   c.pid = ::fork();
   if (c.pid == 0) {
+    for (const std::string& kv : env) ::putenv(const_cast<char*>(kv.c_str()));
     int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     int e = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     ::dup2(o, 1);
@@ -96,7 +99,7 @@ inline Child spawn(const std::vector<std::string>& args, const std::string& out,
     std::vector<char*> argv;
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
-    ::execv(argv[0], argv.data());
+    ::execvp(argv[0], argv.data());  // args[0] may be a command on PATH (ip netns exec)
     ::_exit(127);
   }
   return c;
