@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -58,6 +59,7 @@ TEST(HugePages, GuestRunsAndVerifiesOnHugetlbfsPages) {
   EXPECT_EQ(run.status, 0) << run.err;
   EXPECT_NE(console.find("kvmig-guest: done result=pass passes=2 errors=0"), std::string::npos) << console;
   EXPECT_EQ(console.find("corrupt"), std::string::npos) << console;
+  if (!::testing::Test::HasFailure()) std::filesystem::remove_all(dir);
 }
 
 TEST(HugePages, EmptyPoolIsAClearError) {

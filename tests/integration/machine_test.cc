@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <sstream>
@@ -27,8 +28,18 @@ bool have_kvm() { return ::access("/dev/kvm", R_OK | W_OK) == 0; }
 #define REQUIRE_KVM() \
   if (!have_kvm()) GTEST_SKIP() << "/dev/kvm is not available"
 
+// One directory per test process, removed when the process ends: the files are small guest
+// images and console captures, read back by the test that wrote them.
+struct TempDir {
+  std::string path = kvmig::test::make_temp_dir("kvmig-machine-test");
+  ~TempDir() {
+    if (!path.empty()) std::filesystem::remove_all(path);
+  }
+};
+
 std::string temp_path(const std::string& name) {
-  return "/tmp/kvmig-machine-test-" + std::to_string(::getpid()) + "-" + name;
+  static TempDir dir;
+  return dir.path + "/" + name;
 }
 
 std::string write_temp(const std::string& name, const std::vector<uint8_t>& bytes) {
