@@ -29,11 +29,6 @@ using namespace std::chrono_literals;
   if (!have_kvm()) GTEST_SKIP() << "/dev/kvm is not available: the fault matrix runs real VMs"; \
   if (::access(guest64_path().c_str(), R_OK) != 0) GTEST_SKIP() << "test guest not built"
 
-struct CmdRun {
-  int status = -1;
-  std::string out, err;
-};
-
 // `args` run with `env` ("K=V") added to this process's environment.
 inline Child spawn_env(const std::vector<std::string>& args, const std::vector<std::string>& env,
                        const std::string& out, const std::string& err) {
@@ -88,12 +83,7 @@ class FaultBed : public ::testing::Test {
   CmdRun kvmig(std::vector<std::string> args, std::chrono::seconds timeout = 60s) {
     std::string tag = "cmd" + std::to_string(++cmds_);
     args.insert(args.begin(), KVMIG_BINARY);
-    Child c = spawn(args, path(tag + ".out"), path(tag + ".err"));
-    CmdRun r;
-    r.status = c.wait(timeout).value_or(-1);
-    r.out = read_text(path(tag + ".out"));
-    r.err = read_text(path(tag + ".err"));
-    return r;
+    return run_to_end(args, path(tag), timeout);
   }
 
   // n VMs (64 MiB, the verifier writing 8 MiB at 8 MiB/s), booted in parallel; each has run a

@@ -29,11 +29,6 @@ const std::string kVmA = "0b6c2f7e-a1a1-4d3c-8e2f-1234567890aa";
 const std::string kVmB = "0b6c2f7e-b2b2-4d3c-8e2f-1234567890bb";
 const std::string kVmC = "0b6c2f7e-c3c3-4d3c-8e2f-1234567890cc";
 
-struct CmdRun {
-  int status = -1;
-  std::string out, err;
-};
-
 class MicroVmRecords : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -56,12 +51,7 @@ class MicroVmRecords : public ::testing::Test {
     static int n = 0;
     std::string tag = "cmd" + std::to_string(++n);
     args.insert(args.begin(), KVMIG_BINARY);
-    Child c = spawn(args, path(tag + ".out"), path(tag + ".err"));
-    CmdRun r;
-    r.status = c.wait(timeout).value_or(-1);
-    r.out = read_text(path(tag + ".out"));
-    r.err = read_text(path(tag + ".err"));
-    return r;
+    return run_to_end(args, path(tag), timeout);
   }
   // `kvmig vm run --site SRC --uuid UUID` with the test guest; waits for its first pass.
   Child source(const std::string& tag, const std::string& uuid, const std::string& memory, const std::string& cmdline) {

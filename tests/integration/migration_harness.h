@@ -105,6 +105,23 @@ inline Child spawn(const std::vector<std::string>& args, const std::string& out,
   return c;
 }
 
+// What a command printed and how it ended (-1: still running at the timeout).
+struct CmdRun {
+  int status = -1;
+  std::string out, err;
+};
+
+// Runs `args` to completion; its output is kept in `out_base`.out and .err.
+inline CmdRun run_to_end(const std::vector<std::string>& args, const std::string& out_base,
+                         std::chrono::seconds timeout) {
+  Child c = spawn(args, out_base + ".out", out_base + ".err");
+  CmdRun r;
+  r.status = c.wait(timeout).value_or(-1);
+  r.out = read_text(out_base + ".out");
+  r.err = read_text(out_base + ".err");
+  return r;
+}
+
 struct SourceSpec {
   uint64_t memory = 256ull << 20;
   int vcpus = 1;
