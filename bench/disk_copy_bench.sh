@@ -1,7 +1,7 @@
 #!/bin/sh
 # Disk copy, side by side: a 4 GiB raw image, half data (random) and half holes, copied by
 # `kvmig disk copy` over loopback, `dd bs=1M oflag=direct`, `cp` and `qemu-img convert`, next
-# to fio sequential read and write (io_uring, O_DIRECT, 1 MiB, depth 32) on the same file
+# to fio sequential read and write (io_uring, O_DIRECT, 1 MiB, depth 32), alone and both at once, on the same file
 # system as the device limit. Every copy ends durable (kvmig fdatasyncs; the others are
 # followed by `sync`) and starts with the source evicted from the page cache
 # (dd iflag=nocache count=0), so no tool reads from memory what another read from disk.
@@ -42,13 +42,22 @@ fio_bw() {  # rw -> MiB/s
 }
 FIO_W=$(fio_bw write write)
 FIO_R=$(fio_bw read read)
-rm -f "$DIR/fio.dat"
+# A copy reads and writes the same device at once: one read job and one write job together
+# give the limit a copy on this file system can reach (each runs the same size; the slower
+# one's rate counts, since a copy moves each byte once in each direction).
+fio --output-format=json --output="$DIR/fio-rw.json" \
+    --name=r --filename="$DIR/fio.dat" --rw=read --bs=1M --size="${DATA_MIB}M" --direct=1 \
+    --ioengine=io_uring --iodepth=32 \
+    --name=w --filename="$DIR/fio2.dat" --rw=write --bs=1M --size="${DATA_MIB}M" --direct=1 \
+    --ioengine=io_uring --iodepth=32 >/dev/null 2>&1
+FIO_RW=$(jq -r '[.jobs[0].read.bw_bytes, .jobs[1].write.bw_bytes] | min / 1048576 | floor' "$DIR/fio-rw.json")
+rm -f "$DIR/fio.dat" "$DIR/fio2.dat" "$DIR/fio-rw.json"
 
 row() {  # name seconds note
   printf '| %-28s | %7.2f | %9s | %10s | %s |\n' "$1" "$2" "$(rate "$BYTES" "$2")" "$(rate "$DATA" "$2")" "$3"
 }
 
-echo "image: ${SIZE_MIB} MiB, $((DATA / 1048576)) MiB data, rest holes; fio write ${FIO_W} MiB/s, read ${FIO_R} MiB/s"
+echo "image: ${SIZE_MIB} MiB, $((DATA / 1048576)) MiB data, rest holes; fio write ${FIO_W} MiB/s, read ${FIO_R} MiB/s, both at once ${FIO_RW} MiB/s"
 echo "load before the copies: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
 echo
 echo '| tool                         |       s | image MiB/s | data MiB/s | notes |'
@@ -96,4 +105,5 @@ for f in out.dd out.cp out.qemu root/kvmig.img; do
 done
 printf '| %-28s | %7s | %9s | %10s | %s |\n' "fio write (limit)" "" "" "$FIO_W" "io_uring, O_DIRECT, 1 MiB, depth 32"
 printf '| %-28s | %7s | %9s | %10s | %s |\n' "fio read (limit)" "" "" "$FIO_R" "io_uring, O_DIRECT, 1 MiB, depth 32"
+printf '| %-28s | %7s | %9s | %10s | %s |\n' "fio read + write at once" "" "" "$FIO_RW" "the slower of the two jobs run together: a copy's limit"
 rm -f "$IMG" "$DIR"/out.* "$DIR/root/kvmig.img"
