@@ -25,10 +25,13 @@ struct Opened {
   std::unique_ptr<SiteRecords> dest_records, src_records;
   LibvirtConn dest, source;
   std::string dest_error;  // the destination's site or libvirtd could not be read: why
+  std::string source_error;  // the source's libvirtd could not be reached: why
 };
 
-// The source's site and libvirtd must answer (acting on half the picture is how a VM ends up
-// running twice); an unreadable destination site or libvirtd makes every domain in doubt.
+// The source's site must answer. A source libvirtd that does not (killed, restarting) leaves
+// its copies' state unknown: the verdicts still come from the destination, and recovery then
+// touches no source copy (host/libvirt_recovery.h). An unreadable destination site or
+// libvirtd makes every domain in doubt.
 Opened open_sites(const char* command, const DomainSiteOptions& opt) {
   if (opt.libvirt.empty() || opt.source_libvirt.empty())
     command_fail(command, kUsage, "libvirt domains need both --libvirt and --source-libvirt");
@@ -48,8 +51,10 @@ Opened open_sites(const char* command, const DomainSiteOptions& opt) {
   o.dest_db = std::move(*d);
   o.dest_records = std::make_unique<SiteRecords>(*o.dest_db);
   auto sc = LibvirtConn::open(opt.source_libvirt);
-  if (!sc.ok()) command_fail(command, kSiteError, "--source-libvirt: " + sc.error().message);
-  o.source = std::move(*sc);
+  if (sc.ok())
+    o.source = std::move(*sc);
+  else
+    o.source_error = sc.error().message;
   auto dc = LibvirtConn::open(opt.libvirt);
   if (dc.ok())
     o.dest = std::move(*dc);
@@ -62,7 +67,7 @@ Opened open_sites(const char* command, const DomainSiteOptions& opt) {
 // libvirtd cannot be asked (its placeholders are the seed's second and third question).
 std::vector<DomainStatus> read_statuses(const char* command, Opened& o, const DomainSiteOptions& opt) {
   if (o.dest_error.empty()) {
-    LibvirtSites sites{*o.dest_records, o.dest, *o.src_records, o.source};
+    LibvirtSites sites{*o.dest_records, o.dest, *o.src_records, o.source, o.source_error};
     auto r = read_domain_status(sites, opt.migration, opt.vms);
     if (r.ok()) return std::move(*r);
     o.dest_error = r.error().message;
@@ -96,7 +101,8 @@ nlohmann::json domain_json(const DomainStatus& ds) {
                   {"source_leftover", ds.facts.source_leftover},
                   {"source_migrated_off", ds.facts.source_migrated_off},
                   {"destination_active", ds.facts.dest_active},
-                  {"destination_paused", ds.facts.dest_paused}};
+                  {"destination_paused", ds.facts.dest_paused},
+                  {"destination_arrived", ds.facts.dest_arrived}};
   return j;
 }
 
@@ -136,7 +142,7 @@ int run_domain_recover(const DomainSiteOptions& opt) {
         for (DomainStep step : plan.steps) r.done.push_back("would: " + std::string(domain_step_name(step)));
       r.problem = plan.problem;
     } else {
-      LibvirtSites sites{*o.dest_records, o.dest, *o.src_records, o.source};
+      LibvirtSites sites{*o.dest_records, o.dest, *o.src_records, o.source, o.source_error};
       r = recover_domain(ds, sites);
     }
     unresolved |= !r.problem.empty();

@@ -37,9 +37,10 @@ struct MigrateOptions {
   // Several streams by default: the destination's first touch of each page is the slow part
   // of round 1, and N streams fault pages in on N threads.
   int streams = 4;
-  // Off by default: a compressed round fits in the socket buffers, so the source no longer
-  // feels how far the destination lags behind (decompressing, faulting in memory) and pays
-  // for it at READY, in downtime (docs/benchmarks.md). On once rounds are acknowledged.
+  // Off by default. Since wire version 3 rounds are timed to the destination's ROUND_ACK,
+  // which ended compression's 64-604 ms downtimes, but auto's higher (true) bandwidth lets
+  // convergence switch over with a bigger final round, and on a loaded host hot1g's median
+  // downtime stayed a few ms above off's (docs/benchmarks.md, "Per-round acknowledgement").
   std::string compress = "off";
   bool verify = false;
   std::string tracking = "bitmap";

@@ -4,7 +4,11 @@
 // released; in doubt -> nothing. Exit status: 0 every VM runs exactly once where its verdict
 // says, 3 some VM in doubt or not recoverable (reported), 1 a site unreadable, 125 bad input.
 // With --libvirt and --source-libvirt the VMs are libvirt domains (cli/domain_recovery_command.h).
+// `--resume-source --vm UUID...` is the operator's answer to "destination copy is gone; it may
+// never have run": only the named VMs, only in exactly that case (host/recovery.h
+// resume_source_vm): the tagged placeholder is fenced, then the source copy resumed.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -28,6 +32,7 @@ struct RecoverOptions {
   std::vector<std::string> vms;
   bool dry_run = false;
   bool json = false;
+  bool resume_source = false;
   std::string libvirt, source_libvirt;  // libvirt domains: cli/domain_recovery_command.h
 };
 
@@ -44,6 +49,9 @@ std::unique_ptr<kvmig::host::SiteDb> open_site(const std::string& dir, const cha
 int run_recover(RecoverOptions opt) {
   using namespace kvmig::host;
   kvmig::cli::check_vm_selection("recover", kUsage, opt.migration, true, opt.vms);
+  if (opt.resume_source && opt.vms.empty()) fail(kUsage, "--resume-source needs --vm UUID for each VM to resume");
+  if (opt.resume_source && (!opt.libvirt.empty() || !opt.source_libvirt.empty()))
+    fail(kUsage, "--resume-source is for micro-VMs, not with --libvirt/--source-libvirt");
   if (!opt.libvirt.empty() || !opt.source_libvirt.empty())
     return kvmig::cli::run_domain_recover({opt.site, opt.source_site, opt.libvirt, opt.source_libvirt, opt.migration,
                                            opt.vms, opt.json, opt.dry_run});
@@ -66,7 +74,18 @@ int run_recover(RecoverOptions opt) {
   nlohmann::json out = nlohmann::json::array();
   for (const VmStatus& st : *statuses) {
     RecoveryOutcome o;
-    if (opt.dry_run) {
+    if (opt.resume_source) {
+      // Only the VMs named: resuming a source is never done for a whole group by default.
+      if (std::find(opt.vms.begin(), opt.vms.end(), st.vm_uuid) == opt.vms.end()) continue;
+      if (opt.dry_run) {
+        o.status = st;
+        o.problem = resume_source_refusal(st);
+        if (o.problem.empty()) o.done = {"would: fence the tagged placeholder", "would: resume the source"};
+        else o.problem = "--resume-source refused: " + o.problem;
+      } else {
+        o = resume_source_vm(st, dest_records, dest_store, source);
+      }
+    } else if (opt.dry_run) {
       RecoveryPlan plan = plan_recovery(st);
       o.status = st;
       for (RecoveryStep step : plan.steps) o.done.push_back("would: " + std::string(recovery_step_name(step)));
@@ -102,6 +121,9 @@ void add_recover_command(CLI::App& app) {
   cmd->add_option("--migration", opt->migration, "The migration id")->required();
   cmd->add_option("--vm", opt->vms, "A VM UUID of the migration, even if the destination never recorded it");
   cmd->add_flag("--dry-run", opt->dry_run, "Only print what would be done");
+  cmd->add_flag("--resume-source", opt->resume_source,
+                "For the --vm VMs whose tagged destination copy is gone before the source got DONE: fence "
+                "the destination, resume the source (docs/control-plane.md)");
   cmd->add_flag("--json", opt->json, "Print JSON on stdout");
   cmd->add_option("--libvirt", opt->libvirt, "libvirt domains: the destination's libvirt URI (with --source-libvirt)");
   cmd->add_option("--source-libvirt", opt->source_libvirt, "libvirt domains: the source's libvirt URI (with --libvirt)");

@@ -168,7 +168,8 @@ void add_vm_command(CLI::App& app) {
   run->add_option("--uuid", opt->uuid, "The VM's UUID (default: a new one with --site); carried to the destination");
   run->add_option("--name", opt->name, "The VM's name in the site registry (needs --site; default its UUID)");
   run->add_option("--disk", opt->disks,
-                  "Attach a disk: PATH[,block=SIZE] (raw image or block device; block = write-tracking "
+                  "Attach a disk: PATH[,block=SIZE] (raw image or block device, or the top of a kvmig "
+                  "base + delta chain, recognised by its PATH.kvmig-delta descriptor; block = write-tracking "
                   "granularity, 4K..2M, default 64K); repeatable, up to 4");
   run->add_flag("-v,--verbose", opt->verbose, "Print boot timing and exit counters on stderr");
   run->callback([opt] {

@@ -79,6 +79,10 @@ Result<std::unique_ptr<DiskPrecopyReceiver>> DiskPrecopyReceiver::open(const Dis
     if (options.direct && d.size % 4096 == 0)
       copy.direct.reset(::open(copy.path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_DIRECT));
   }
+  if (auto c = r->open_chains(); !c.ok()) {
+    r->discard();
+    return std::move(c.error());
+  }
   auto engine = UringEngine::create(options.queue_depth, options.buffer_bytes);
   if (!engine.ok()) {
     r->discard();
@@ -128,9 +132,15 @@ void DiskPrecopyReceiver::discard() {
   for (Copy& c : copies_) {
     c.direct.reset();
     c.fd.reset();
-    if (c.created) ::unlink(c.path.c_str());
+    if (c.created) {
+      ::unlink(c.path.c_str());
+      ::unlink((c.path + kvm::kChainDeltaSuffix).c_str());
+      ::unlink((c.path + kLayerIdSuffix).c_str());
+    }
     c.created = false;
   }
+  for (const std::string& sidecar : sidecars_) ::unlink(sidecar.c_str());
+  sidecars_.clear();
 }
 
 Result<void> DiskPrecopyReceiver::reap_one() {
@@ -165,7 +175,8 @@ Result<void> DiskPrecopyReceiver::write_zeros(size_t disk, uint64_t offset, uint
   Copy& copy = copies_[disk];
   // A zero block reads as zeros once punched, and takes no space; where punching is not
   // supported, write the zeros.
-  if (::fallocate(copy.fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+  if (!copy.keep_allocation &&
+      ::fallocate(copy.fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
                   static_cast<off_t>(length)) == 0)
     return ok();
   static const std::vector<uint8_t> zeros(1 << 20);
@@ -180,7 +191,9 @@ Result<void> DiskPrecopyReceiver::write_zeros(size_t disk, uint64_t offset, uint
 
 Result<void> DiskPrecopyReceiver::on_blocks(std::span<const uint8_t> payload) {
   if (!engine_) return wire_error(WireCode::unexpected, "DISK_BLOCKS after the disks were closed");
-  KVMIG_ASSIGN(DiskBlocks m, decode_disk_blocks(payload, declared_));
+  KVMIG_ASSIGN(DiskBlocks m, decode_disk_blocks(payload, targets_));
+  // The source sends every copied layer whole before the first block of a disk.
+  if (!verified_ && m.disk < declared_.disks.size()) KVMIG_TRY(verify_layers());
   if (any_ && m.round < round_)
     return wire_error(WireCode::unexpected, "DISK_BLOCKS of round " + std::to_string(m.round) + " after round " +
                                                 std::to_string(round_));
@@ -221,6 +234,7 @@ Result<void> DiskPrecopyReceiver::on_blocks(std::span<const uint8_t> payload) {
 
 Result<void> DiskPrecopyReceiver::finish() {
   KVMIG_TRY(drain());
+  if (!verified_) KVMIG_TRY(verify_layers());
   stop_syncer();
   for (Copy& c : copies_)
     if (::fdatasync(c.fd.get()) != 0) return copy_error(c.path, "fdatasync");
@@ -233,11 +247,54 @@ Result<std::unique_ptr<DiskPrecopyReceiver>> accept_disks(Stream& control, uint1
                                                           const DiskReceiverOptions& options) {
   KVMIG_ASSIGN(DisksMsg declared, decode_disks(disks_payload));
   KVMIG_ASSIGN(std::unique_ptr<DiskPrecopyReceiver> receiver, DiskPrecopyReceiver::open(declared, paths, options));
-  if (auto r = send_message(control, version, MsgType::disks_ready); !r.ok()) {
+  if (auto r = send_message(control, version, MsgType::disks_ready, encode(receiver->ready())); !r.ok()) {
     receiver->discard();
     return std::move(r.error());
   }
   return receiver;
+}
+
+}  // namespace kvmig::helper
+
+namespace kvmig::helper {
+
+Result<void> DiskPrecopyReceiver::open_chains() {
+  targets_ = declared_.disks;
+  for (size_t i = 0; i < declared_.disks.size(); ++i) {
+    const MigrationDisk& d = declared_.disks[i];
+    if (d.lower.empty()) continue;
+    copies_[i].keep_allocation = true;
+    KVMIG_ASSIGN(std::vector<PlacedLayer> placed, place_chain(copies_[i].path, d));
+    for (size_t j = 0; j < placed.size(); ++j) {
+      ready_.layers.push_back(placed[j].answer);
+      if (placed[j].answer == LayerAnswer::held) continue;
+      Copy c;
+      c.path = placed[j].path;
+      c.created = placed[j].created;
+      c.keep_allocation = j > 0;
+      c.fd.reset(::open(c.path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+      if (!c.fd) {
+        ::unlink(c.path.c_str());
+        return copy_error(c.path, "open");
+      }
+      if (options_.direct && d.size % 4096 == 0)
+        c.direct.reset(::open(c.path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_DIRECT));
+      copies_.push_back(std::move(c));
+      targets_.push_back({d.lower[j].size, d.lower[j].data_bytes, kLayerCopyBlock, {}});
+      to_verify_.push_back({placed[j].path, j > 0, d.lower[j].id});
+    }
+    sidecars_.push_back(copies_[i].path + kvm::kChainDeltaSuffix);
+    if (auto r = link_chain(copies_[i].path, placed, d.size); !r.ok())
+      return wire_error(WireCode::internal, "disk copy " + copies_[i].path + ": re-linking: " + r.error().message);
+  }
+  return ok();
+}
+
+Result<void> DiskPrecopyReceiver::verify_layers() {
+  KVMIG_TRY(drain());
+  for (const LayerCheck& c : to_verify_) KVMIG_TRY(verify_layer(c.path, c.delta, c.id));
+  verified_ = true;
+  return ok();
 }
 
 }  // namespace kvmig::helper

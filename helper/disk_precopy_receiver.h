@@ -21,6 +21,7 @@
 
 #include "base/fd.h"
 #include "base/result.h"
+#include "helper/disk_chain_migration.h"
 #include "helper/disk_precopy_messages.h"
 #include "helper/transport.h"
 
@@ -53,6 +54,8 @@ class DiskPrecopyReceiver {
   ~DiskPrecopyReceiver();
 
   const DisksMsg& declared() const { return declared_; }
+  // For a disk with a chain: which lower layers this host holds (DISKS_READY's payload).
+  const DisksReady& ready() const { return ready_; }
   // One DISK_BLOCKS payload (already checksummed by read_message).
   Result<void> on_blocks(std::span<const uint8_t> payload);
   // Drains every write and fdatasyncs every copy: after this the disks are durable.
@@ -66,6 +69,10 @@ class DiskPrecopyReceiver {
   Result<void> drain();
   Result<void> reap_one();
   Result<void> write_zeros(size_t disk, uint64_t offset, uint64_t length);
+  // Chains (helper/disk_chain_migration.h): place the lower layers, open the ones to copy as
+  // extra targets, re-link; and check the copied layers' IDs once they are complete.
+  Result<void> open_chains();
+  Result<void> verify_layers();
   void sync_loop();
   void stop_syncer();
 
@@ -73,6 +80,14 @@ class DiskPrecopyReceiver {
     std::string path;
     Fd fd, direct;
     bool created = false;
+    // A chain's top or a delta: a zero block is written, not punched (a hole would read
+    // the parent's bytes instead of zeros).
+    bool keep_allocation = false;
+  };
+  struct LayerCheck {
+    std::string path;
+    bool delta = false;
+    LayerId id;
   };
   struct Pending {
     size_t disk = 0;
@@ -81,6 +96,11 @@ class DiskPrecopyReceiver {
     bool direct = false;
   };
   DisksMsg declared_;
+  std::vector<MigrationDisk> targets_;  // the declared disks, then the layers being copied
+  DisksReady ready_;
+  std::vector<LayerCheck> to_verify_;   // copied layers, checked before the first top block
+  bool verified_ = false;
+  std::vector<std::string> sidecars_;   // descriptors this receiver wrote (removed on discard)
   DiskReceiverOptions options_;
   std::vector<Copy> copies_;
   std::unique_ptr<UringEngine> engine_;

@@ -108,7 +108,8 @@ Result<void> DiskPrecopySender::declare(Stream& control, uint16_t version) {
   if (reply.type() == MsgType::error || reply.type() == MsgType::abort) return peer_error(reply);
   if (reply.type() != MsgType::disks_ready)
     return wire_error(WireCode::unexpected, std::string("expected DISKS_READY, got ") + msg_type_name(reply.type()));
-  return decode_empty(reply.payload, MsgType::disks_ready);
+  KVMIG_ASSIGN(ready_, decode_disks_ready(reply.payload, declared_));
+  return ok();
 }
 
 uint64_t DiskPrecopySender::observe() {
@@ -242,6 +243,7 @@ Result<void> DiskPrecopySender::send_blocks(Stream& control, uint16_t version, s
                                                               std::to_string(it.offset),
                                                           -slot.result))
                          : finish_read(src.fd, data, it, static_cast<size_t>(slot.result));
+    if (r.ok() && src.fill_holes) r = src.fill_holes(it.offset, data, it.length);
     if (r.ok()) {
       std::span<const uint8_t> bytes(data, it.length);
       std::vector<DiskRun> runs;
@@ -251,7 +253,8 @@ Result<void> DiskPrecopySender::send_blocks(Stream& control, uint16_t version, s
         if (z.zero) stats.zero_bytes += z.length;
         else iov.push_back({data + (z.offset - it.offset), z.length});
       }
-      std::vector<uint8_t> head = encode_disk_blocks_head(static_cast<uint32_t>(disk), round_, runs);
+      std::vector<uint8_t> head =
+          encode_disk_blocks_head(options_.index_base + static_cast<uint32_t>(disk), round_, runs);
       r = send_disk_blocks(control, version, head, iov);
       stats.wire_bytes += kHeaderSize + head.size();
       for (const iovec& v : iov) stats.wire_bytes += v.iov_len;

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -29,12 +30,16 @@ struct DiskSource {
   int fd = -1;         // the image, readable, buffered
   int direct_fd = -1;  // the same image opened O_DIRECT, or -1
   kvm::BlockWriteLog* log = nullptr;  // the device's log: its disk_bytes and block_bytes rule
+  // A chain's top (helper/disk_chain_migration.h): replaces the holes of what was read from
+  // `fd` with the lower layers' bytes, so a block carries what the guest reads there.
+  std::function<Result<void>(uint64_t offset, uint8_t* buf, uint64_t length)> fill_holes;
 };
 
 struct DiskSenderOptions {
   DiskPlanConfig plan;            // the hot/cold rule's knobs (disk size and block are per disk)
   uint32_t chunk = 1 << 20;       // bytes per read and per DISK_BLOCKS (at least one block)
   unsigned queue_depth = 32;      // reads in flight
+  uint32_t index_base = 0;        // DISK_BLOCKS index of disk 0 (copied chain layers follow the disks)
 };
 
 struct DiskRoundStats {
@@ -59,6 +64,10 @@ class DiskPrecopySender {
   ~DiskPrecopySender();
 
   const DisksMsg& declaration() const { return declared_; }
+  // Declares disk `disk`'s lower layers (base first) in DISKS: before declare().
+  void set_lower(size_t disk, std::vector<MigrationLayer> lower) { declared_.disks[disk].lower = std::move(lower); }
+  // After declare(): the destination's answer for each declared lower layer.
+  const DisksReady& ready() const { return ready_; }
   // Sends DISKS and waits for DISKS_READY (an ERROR from the destination is returned).
   Result<void> declare(Stream& control, uint16_t version);
   // Harvests every log into its plan. Returns distinct bytes written since the last harvest.
@@ -89,6 +98,7 @@ class DiskPrecopySender {
   std::vector<DiskSource> disks_;
   std::vector<DiskPrecopyPlan> plans_;
   DisksMsg declared_;
+  DisksReady ready_;
   DiskSenderOptions options_;
   std::unique_ptr<UringEngine> engine_;
   std::vector<bool> direct_ok_;  // per disk: O_DIRECT not refused yet

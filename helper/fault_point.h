@@ -8,6 +8,8 @@
 //             precopy source: the first pre-copy round sent, the next not begun
 //             ready   source: READY read, before COMMIT is sent
 //             commit  destination: COMMIT read, before the completion is recorded
+//             tagged  destination: placeholder tagged and completion recorded (durable), before
+//                     the first vCPU run (host/micro_vm_site.cc)
 //     action  stop    raise(SIGSTOP): the test sees state 'T' in /proc/PID/stat, does its fault,
 //                     then SIGCONT (or SIGKILL)
 //             kill    raise(SIGKILL): the kill -9 of that side, at that instant

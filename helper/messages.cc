@@ -225,6 +225,41 @@ Result<Verify> decode_verify(std::span<const uint8_t> payload) {
   return m;
 }
 
+std::vector<uint8_t> encode(const RoundAck& m) {
+  ByteWriter w;
+  w.u32(m.round);
+  w.u64(m.pages);
+  w.u64(m.bytes);
+  return w.take();
+}
+
+Result<RoundAck> decode_round_ack(std::span<const uint8_t> payload) {
+  ByteReader r(payload, "ROUND_ACK");
+  RoundAck m;
+  KVMIG_ASSIGN(m.round, r.u32());
+  KVMIG_ASSIGN(m.pages, r.u64());
+  KVMIG_ASSIGN(m.bytes, r.u64());
+  if (m.round == 0) return wire_error(WireCode::malformed, "ROUND_ACK of round 0");
+  // Pages arrive in MEM_PAGES batches of at least a header each: pages from no bytes cannot be.
+  if (m.pages > 0 && m.bytes == 0)
+    return wire_error(WireCode::malformed, "ROUND_ACK: pages applied from no bytes");
+  KVMIG_TRY(r.finish());
+  return m;
+}
+
+Result<void> check_round_ack(const RoundAck& ack, uint32_t round, uint64_t pages, uint64_t bytes) {
+  const std::string what = "ROUND_ACK of round " + std::to_string(ack.round);
+  if (ack.round != round)
+    return wire_error(WireCode::unexpected, what + " where round " + std::to_string(round) + " was due");
+  if (ack.pages != pages)
+    return wire_error(WireCode::malformed, what + ": destination applied " + std::to_string(ack.pages) +
+                                               " pages, " + std::to_string(pages) + " were sent");
+  if (ack.bytes != bytes)
+    return wire_error(WireCode::malformed, what + ": destination read " + std::to_string(ack.bytes) +
+                                               " bytes, " + std::to_string(bytes) + " were sent");
+  return ok();
+}
+
 Result<void> decode_empty(std::span<const uint8_t> payload, MsgType type) {
   if (!payload.empty())
     return wire_error(WireCode::malformed, std::string(msg_type_name(type)) + ": " +

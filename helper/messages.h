@@ -85,6 +85,19 @@ struct RoundEnd {
   uint64_t dirty_pages_left = 0;
 };
 
+// Version 3 on, destination to source on control, once per ROUND_END: every page of `round`
+// has been read from all data streams, decompressed and written into guest memory. The
+// source times its bandwidth to it, so a round still queued in socket buffers or still being
+// decompressed is not taken for link speed, and the destination never owes more than the
+// round in flight (docs/protocol.md, "Round acknowledgement").
+struct RoundAck {
+  uint32_t round = 0;  // 1.., the round acknowledged
+  uint64_t pages = 0;  // pages the data streams carried in it (ROUND_END's count, control)
+  uint64_t bytes = 0;  // MEM_PAGES bytes (headers included) read for it from the data streams
+};
+// The first version whose destination acknowledges rounds.
+inline constexpr uint16_t kRoundAckVersion = 3;
+
 struct Verify {
   uint64_t hash = 0;   // XXH3-64 over all guest RAM, ranges in layout order
   uint64_t bytes = 0;  // bytes covered, must equal the layout's total
@@ -99,6 +112,7 @@ std::vector<uint8_t> encode(const ErrorMsg& m);
 std::vector<uint8_t> encode(const RoundEnd& m);
 std::vector<uint8_t> encode(const kvm::StateSection& m);
 std::vector<uint8_t> encode(const Verify& m);
+std::vector<uint8_t> encode(const RoundAck& m);
 
 Result<Hello> decode_hello(std::span<const uint8_t> payload, uint16_t header_version);
 Result<HelloAck> decode_hello_ack(std::span<const uint8_t> payload);
@@ -107,6 +121,11 @@ Result<RoundEnd> decode_round_end(std::span<const uint8_t> payload);
 Result<kvm::StateSection> decode_state(std::span<const uint8_t> payload,
                                        const SectionIdCheck& known, uint64_t max_bytes);
 Result<Verify> decode_verify(std::span<const uint8_t> payload);
+Result<RoundAck> decode_round_ack(std::span<const uint8_t> payload);
+// Checks an acknowledgement against the round the source sent: the same round, exactly the
+// pages and MEM_PAGES bytes its data streams carried. [unexpected] for another round,
+// [malformed] for other counts.
+Result<void> check_round_ack(const RoundAck& ack, uint32_t round, uint64_t pages, uint64_t bytes);
 // READY, COMMIT and DONE carry no payload.
 Result<void> decode_empty(std::span<const uint8_t> payload, MsgType type);
 

@@ -244,6 +244,10 @@ Result<void> Receiver::follow_control() {
         out_.bytes += st.wire_bytes;
         out_.rounds = end.round;
         ++expect_round;
+        // Every page of the round is in guest memory now: say so, so the source times the
+        // round to here, not to when its socket buffers took it (version 3 on).
+        if (version_ >= kRoundAckVersion)
+          KVMIG_TRY(send_control(MsgType::round_ack, encode(RoundAck{end.round, st.pages, st.wire_bytes})));
         if (opt_.events) {
           // A site that can no longer record the completion must fail the migration now,
           // while the source can still run on, not after COMMIT.
@@ -301,7 +305,7 @@ Result<void> Receiver::on_disks(std::span<const uint8_t> payload) {
   snapshot_.emplace(std::move(*snap));
   part_ids_.clear();
   for (const std::string& id : snapshot_->part_ids()) part_ids_.insert(id);
-  return send_control(MsgType::disks_ready);
+  return send_control(MsgType::disks_ready, encode(disks_->ready()));  // chains: which layers are held
 }
 
 Result<void> Receiver::load_and_ready() {

@@ -44,7 +44,10 @@ nlohmann::json MigrationReport::to_json() const {
                  {"final_blocks", disk_final_blocks},
                  {"final_hot_blocks", disk_final_hot},
                  {"pause_ms", disk_pause_ms},
-                 {"expected_pause_ms", disk_expected_pause_ms}};
+                 {"expected_pause_ms", disk_expected_pause_ms},
+                 {"layers_held", disk_layers_held},
+                 {"layers_copied", disk_layers_copied},
+                 {"layer_bytes", disk_layer_bytes}};
   if (!error.empty()) j["error"] = error;
   return j;
 }
@@ -86,6 +89,9 @@ MigrationReport MigrationReport::from_json(const nlohmann::json& j) {
     r.disk_final_hot = d.value("final_hot_blocks", uint64_t{0});
     r.disk_pause_ms = d.value("pause_ms", 0.0);
     r.disk_expected_pause_ms = d.value("expected_pause_ms", 0.0);
+    r.disk_layers_held = d.value("layers_held", 0u);
+    r.disk_layers_copied = d.value("layers_copied", 0u);
+    r.disk_layer_bytes = d.value("layer_bytes", uint64_t{0});
   }
   return r;
 }

@@ -70,6 +70,10 @@ struct MigrationReport {
   uint64_t disk_final_hot = 0;      // of those, deferred hot blocks
   double disk_pause_ms = 0;         // the disk part of the pause: drain, harvest, read, send
   double disk_expected_pause_ms = 0;  // the rule's estimate at the switch-over decision
+  // Chained disks: lower layers the destination held (nothing sent) or had copied whole, and
+  // the copied layers' DISK_BLOCKS bytes (included in disk_bytes).
+  uint32_t disk_layers_held = 0, disk_layers_copied = 0;
+  uint64_t disk_layer_bytes = 0;
   std::vector<RoundRecord> rounds;
 
   nlohmann::json to_json() const;

@@ -41,10 +41,20 @@ Result<RoundStats> SourceSession::send_round(std::span<const kvm::DirtyBitmap> r
   end.zero_pages = st.zero_pages - sender_->skipped_zero_pages();
   end.wire_bytes = st.wire_bytes;
   KVMIG_TRY(send_message(*conn_.control, version_, MsgType::round_end, encode(end)));
+  sent_ = RoundAck{round_, end.pages, st.wire_bytes};
   add_stats(st);
   progress_->iteration.store(round_);
   if (live && round_ == 1) fault_point("source", "precopy");  // test hook (helper/fault_point.h)
   return st;
+}
+
+Result<void> SourceSession::await_round_ack() {
+  KVMIG_ASSIGN(Message m, read_control());
+  if (m.type() != MsgType::round_ack)
+    return wire_error(WireCode::unexpected, "expected ROUND_ACK of round " + std::to_string(sent_.round) +
+                                                ", got " + msg_type_name(m.type()));
+  KVMIG_ASSIGN(RoundAck ack, decode_round_ack(m.payload));
+  return check_round_ack(ack, sent_.round, sent_.pages, sent_.bytes);
 }
 
 Result<void> SourceSession::precopy() {
@@ -81,9 +91,19 @@ Result<void> SourceSession::precopy() {
     ConvergenceDecision d = decide_round(in);
     // The disks have their own budget: memory fitting its own is not enough while the disks
     // still owe more than theirs (docs/disk-migration.md, step 4).
-    if (!disks_converged() && d.verdict == Verdict::switch_over) {
+    const bool disks_owe = !disks_converged();
+    if (disks_owe && d.verdict == Verdict::switch_over) {
       d.verdict = Verdict::keep_copying;
       d.reason = "memory fits, the disks do not yet";
+    }
+    // While the disks owe more than their budget, the rounds go on for them, a few ms apart:
+    // memory not shrinking between such rounds says nothing about memory, and a stepped-up
+    // vCPU throttle would slow the guest (its disk writes too) without shortening the disk
+    // copy. The throttle is held until the disks fit; memory's rule applies from then on.
+    if (disks_owe && d.verdict == Verdict::throttle && d.throttle > throttle_.fraction()) {
+      d.verdict = Verdict::keep_copying;
+      d.throttle = throttle_.fraction();
+      d.reason = "memory does not converge yet; throttle held while the disks copy";
     }
     prev_dirty_bytes = dirty_bytes;
     if (round_ > 0) report_.dirty_rate = dirty_rate;
@@ -111,7 +131,16 @@ Result<void> SourceSession::precopy() {
     }
     auto begin = Clock::now();
     KVMIG_ASSIGN(RoundStats st, send_round(dirty, send, true));
-    sender_->wait_drained(kSourceDrainLimit);
+    // The round has moved when the destination has applied it (ROUND_ACK): a round that
+    // fits in the socket buffers (compressed rounds do) is "sent" long before, and timing it
+    // to that would take the destination's backlog for bandwidth, switch over too early and
+    // pay the backlog in downtime. It also means the next decision is never made while the
+    // destination still owes a round. An older destination: the drained send queues.
+    if (round_acks_) {
+      KVMIG_TRY(await_round_ack());
+    } else {
+      sender_->wait_drained(kSourceDrainLimit);
+    }
     double secs = std::chrono::duration<double>(Clock::now() - begin).count();
     // Bandwidth from rounds big enough to measure it; tiny rounds are mostly latency.
     // In uncompressed bytes, as the dirty bytes it is divided into are: a compressed round

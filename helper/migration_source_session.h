@@ -44,6 +44,9 @@ class SourceSession {
   Result<RoundStats> send_round(std::span<const kvm::DirtyBitmap> rearm,
                                 std::span<const kvm::DirtyBitmap> send, bool live);
   Result<Message> read_control();
+  // Version 3 on: reads the destination's ROUND_ACK of the round sent last and checks it
+  // against what the data streams carried (docs/protocol.md, "Round acknowledgement").
+  Result<void> await_round_ack();
   void fail_before_commit(const Error& error);
   // The disk part (migration_source_disks.cc, docs/disk-migration.md); no-ops without disks.
   Result<void> disks_setup();
@@ -68,6 +71,8 @@ class SourceSession {
   Connection conn_;
   uint16_t version_ = kWireVersion;
   uint64_t features_ = 0;
+  bool round_acks_ = false;  // the agreed version has ROUND_ACK: rounds are timed to it
+  RoundAck sent_;            // the round sent last, as its ROUND_ACK must echo it
   std::unique_ptr<kvm::DirtyTracker> tracker_;
   std::optional<kvm::MachineSnapshot> snapshot_;
   std::unique_ptr<PageSender> sender_;

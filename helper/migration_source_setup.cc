@@ -59,9 +59,16 @@ Result<void> SourceSession::setup() {
   if (ack.features & ~hello.features)
     return wire_error(WireCode::malformed, "HELLO_ACK accepts features that were not offered");
   features_ = ack.features;
+  // An older destination does not acknowledge rounds: they are then timed to the drained
+  // send queues, as before version 3.
+  round_acks_ = version_ >= kRoundAckVersion;
   if (opt_.verify && !(features_ & kFeatureVerify))
     return wire_error(WireCode::config_mismatch, "destination cannot --verify");
   report_.compress = features_ & kFeatureCompression;
+  // Without acknowledged rounds a compressed round hides the destination's backlog and the
+  // switch-over pays for it (docs/protocol.md): `auto` sends raw pages to such a peer; an
+  // explicit `on` is the operator's call.
+  if (!round_acks_ && opt_.compress == CompressMode::automatic) report_.compress = false;
 
   // The first snapshot in a process probes the MSR list on vCPU 0, which takes the vCPU's
   // lock, held by a vCPU in KVM_RUN until its next exit (seconds for a guest that rarely

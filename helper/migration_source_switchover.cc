@@ -80,6 +80,11 @@ Result<void> SourceSession::switchover() {
   }
   report_.state_ms = ms_between(state_begin, Clock::now());
   trace_.push_back({"state_send", Clock::now()});
+  // The final round is acknowledged like the others, before READY (which follows STATE).
+  if (round_acks_) {
+    KVMIG_TRY(await_round_ack());
+    trace_.push_back({"final_ack", Clock::now()});
+  }
   KVMIG_ASSIGN(Message ready, read_control());
   trace_.push_back({"ready", Clock::now()});
   if (ready.type() != MsgType::ready)

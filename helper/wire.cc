@@ -50,6 +50,7 @@ const char* msg_type_name(MsgType type) {
     case MsgType::disks: return "DISKS";
     case MsgType::disks_ready: return "DISKS_READY";
     case MsgType::disk_blocks: return "DISK_BLOCKS";
+    case MsgType::round_ack: return "ROUND_ACK";
   }
   return "UNKNOWN";
 }

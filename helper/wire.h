@@ -18,7 +18,7 @@ namespace kvmig::helper {
 // "KMIG" read as a little-endian u32. The offsets of magic and version never change between
 // protocol versions, so any peer can read what version the other speaks.
 inline constexpr uint32_t kWireMagic = 0x47494d4b;
-inline constexpr uint16_t kWireVersion = 2;     // the version this build speaks (2: HELLO names the VM)
+inline constexpr uint16_t kWireVersion = 3;     // the version this build speaks (2: HELLO names the VM, 3: ROUND_ACK)
 inline constexpr uint16_t kWireOldestVersion = 1;  // versions below 1 never existed
 inline constexpr size_t kHeaderSize = 32;
 inline constexpr uint64_t kPageSize = 4096;
@@ -39,8 +39,9 @@ enum class MsgType : uint16_t {
   disks = 12,        // disk pre-copy (feature bit 2): the source's disks, helper/disk_precopy_messages.h
   disks_ready = 13,  // the destination's copies are open at their sizes
   disk_blocks = 14,  // blocks of one disk
+  round_ack = 15,    // version 3 on: the destination applied every page of a round
 };
-inline constexpr uint16_t kMaxMsgType = 14;
+inline constexpr uint16_t kMaxMsgType = 15;
 const char* msg_type_name(MsgType type);
 
 // Header flags.

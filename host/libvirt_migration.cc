@@ -1,6 +1,12 @@
 #include "host/libvirt_migration.h"
 
+#include <libvirt/virterror.h>
+
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
+#include <thread>
 
 #include "host/libvirt_placeholder.h"
 #include "host/migration_recorder.h"
@@ -181,6 +187,47 @@ class MigrateParams {
   int n_ = 0, max_ = 0;
 };
 
+// virDomainMigrateToURI3 on a thread of its own while this one watches the destination site:
+// libvirt's job can copy for minutes, and a site that fills meanwhile could not take the
+// completion record after the hand-over (the domain would be tagged but never recorded). Like
+// the micro-VM session's on_round, a site under MigrationRecorder::kMinFreeBytes aborts the
+// job while the source still runs; `site_full` then says why. An abort that comes too late
+// (libvirt is past the point of no return) is refused by libvirt and the move goes on.
+Result<void> migrate_watching_site(const LibvirtDomain& dom, const std::string& peer, const MigrateParams& params,
+                                   unsigned flags, MigrationRecorder& dest_recorder, std::string& site_full) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  Result<void> result = ok();
+  std::thread job([&] {
+    Result<void> r = ok();
+    // libvirt's errors are per thread: read this one here.
+    if (virDomainMigrateToURI3(dom.get(), peer.c_str(), params.get(), params.size(), flags) < 0)
+      r = libvirt_error("virDomainMigrateToURI3 " + dom.name() + " -> " + peer);
+    std::lock_guard lock(mu);
+    result = std::move(r);
+    done = true;
+    cv.notify_all();
+  });
+  bool tried = false;
+  std::unique_lock lock(mu);
+  while (!cv.wait_for(lock, std::chrono::milliseconds(250), [&] { return done; })) {
+    if (tried) continue;
+    auto room = dest_recorder.on_round(helper::SessionVm{});
+    if (room.ok()) continue;
+    tried = true;
+    lock.unlock();
+    if (virDomainAbortJob(dom.get()) == 0)
+      site_full = "destination site: " + room.error().message + ": libvirt's migration aborted";
+    else
+      virResetLastError();  // too late to abort: the move goes on, the completion may fail later
+    lock.lock();
+  }
+  lock.unlock();
+  job.join();
+  return result;
+}
+
 }  // namespace
 
 Result<DomainMoveResult> move_domain(const LibvirtConn& source, const LibvirtConn& destination,
@@ -223,13 +270,22 @@ Result<DomainMoveResult> move_domain(const LibvirtConn& source, const LibvirtCon
   unsigned flags = VIR_MIGRATE_LIVE | VIR_MIGRATE_PEER2PEER | VIR_MIGRATE_PERSIST_DEST | VIR_MIGRATE_PAUSED |
                    VIR_MIGRATE_ABORT_ON_ERROR;
   std::string peer = options.peer_uri.empty() ? destination.uri() : options.peer_uri;
-  if (virDomainMigrateToURI3(dom.get(), peer.c_str(), params.get(), params.size(), flags) < 0)
-    return fence(libvirt_error("virDomainMigrateToURI3 " + result.name + " -> " + peer));
+  std::string site_full;
+  if (auto r = migrate_watching_site(dom, peer, params, flags, dest_recorder, site_full); !r.ok()) {
+    if (!site_full.empty()) r.error().message = site_full + " (" + r.error().message + ")";
+    return fence(std::move(r.error()));
+  }
 
   // libvirt's part is done: the source copy is stopped, the destination's is paused.
   if (auto stats = job_stats(dom, true); stats.ok()) result.stats = std::move(*stats);
   KVMIG_ASSIGN(LibvirtDomain arrived, destination.by_uuid(result.uuid));
   if (!arrived) return Error{"migration " + options.migration_id + ": " + result.uuid + " is not at " + destination.uri() + " after libvirt's migration (in doubt)"};
+  // Its QEMU may have ended since libvirt's Finish: a tag on a domain that cannot run would
+  // claim a VM that no longer exists anywhere. Left untagged, `kvmig status` says so.
+  KVMIG_ASSIGN(bool arrived_active, arrived.active());
+  if (!arrived_active)
+    return Error{"migration " + options.migration_id + ": " + result.name + " arrived at " + destination.uri() +
+                 " but no longer runs there (its QEMU ended): not tagged, the VM is lost (kvmig status)"};
   if (auto r = dest_recorder.completed(options.migration_id, result.uuid); !r.ok())
     return std::move(r.error().prefix("migration " + options.migration_id + ": the domain stays paused at " +
                                       destination.uri() + ", in doubt (kvmig recover)"));

@@ -36,8 +36,8 @@ DomainStatus decide_domain(VmStatus generic, const DomainFacts& f) {
   VmStatus& st = out.status;
   if (st.verdict != Verdict::not_migrated) return out;
   const bool untagged = own_placeholder(st) && !st.destination.placeholder->completed();
-  if (untagged && f.dest_active && f.source_migrated_off && st.source.state == SourceState::gone &&
-      !st.destination.aborted) {
+  if (untagged && f.dest_active && (f.source_migrated_off || f.dest_arrived) &&
+      st.source.state == SourceState::gone && !st.destination.aborted) {
     st.verdict = Verdict::in_doubt;
     st.reason =
         "libvirt handed the domain over (the source copy was shut off by its migration) but the placeholder was "
@@ -45,6 +45,15 @@ DomainStatus decide_domain(VmStatus generic, const DomainFacts& f) {
         std::string(f.dest_paused ? "paused" : "active") +
         " at the destination; `kvmig recover` completes the migration there";
     out.handed_over = true;
+    return out;
+  }
+  // "Not migrated" would invite resuming a source that may hold nothing: the only copy may be
+  // the untagged one at the destination (its source libvirtd down, or its QEMU gone).
+  if (untagged && f.dest_active && !source_holds_copy(st)) {
+    st.verdict = Verdict::in_doubt;
+    st.reason = "an untagged domain of this migration is " + std::string(f.dest_paused ? "paused" : "active") +
+                " at the destination and the source copy is " + std::string(source_state_name(st.source.state)) +
+                " (" + st.source.detail + "): it may be the only copy";
     return out;
   }
   if (f.source_job) st.reason += "; libvirt's migration job still runs at the source (recover aborts it first)";
@@ -99,6 +108,21 @@ DomainPlan plan_domain(const DomainStatus& ds) {
       plan.problem = generic.problem;
       return plan;
     case Verdict::migrated:
+      // The tag says the VM was handed over, but its domain no longer runs there: the VM runs
+      // nowhere, or (started again by hand) only at the source, which must then stay.
+      if (f.dest_defined && !f.dest_active) {
+        if (source_holds_copy(st)) {
+          plan.problem = "migrated, but the domain does not run at the destination while the source copy is " +
+                         std::string(source_state_name(st.source.state)) + ": nothing destroyed";
+          return plan;
+        }
+        if (f.source_leftover && st.source.state == SourceState::gone) plan.steps.push_back(DomainStep::undefine_source);
+        if (!st.source.released && st.source.state != SourceState::unknown)
+          plan.steps.push_back(DomainStep::record_released);
+        plan.problem = "migrated, but the domain no longer runs at the destination (its QEMU ended after the "
+                       "hand-over): it runs nowhere; starting it again is a reboot, an operator's call";
+        return plan;
+      }
       for (RecoveryStep s : generic.steps) {
         if (s == RecoveryStep::record_released && f.source_leftover && st.source.state == SourceState::gone)
           plan.steps.push_back(DomainStep::undefine_source);
@@ -121,7 +145,17 @@ Result<SourceFacts> LibvirtSource::inspect(const std::string& migration_id, cons
                                            DomainFacts& facts) {
   SourceFacts s;
   KVMIG_ASSIGN(s.released, records_.has(RecordKind::source_released, migration_id, uuid));
-  KVMIG_ASSIGN(LibvirtDomain dom, conn_.by_uuid(uuid));
+  if (!unreachable_.empty()) {
+    s.detail = "the source's libvirtd cannot be reached: " + unreachable_;
+    return s;
+  }
+  // A daemon that dies while it is asked: the copy's state is unknown, not an error.
+  auto found = conn_.by_uuid(uuid);
+  if (!found.ok()) {
+    s.detail = found.error().message;
+    return s;
+  }
+  LibvirtDomain dom = std::move(*found);
   if (!dom) {
     s.state = SourceState::gone;
     s.detail = "no domain with this UUID at " + conn_.uri();
@@ -235,10 +269,18 @@ Result<void> destination_facts(const LibvirtConn& dest, const std::string& migra
   std::optional<KvmigMark> mark;
   KVMIG_ASSIGN(LibvirtDomain dom, incoming(dest, migration_id, uuid, mark));
   if (!dom) return ok();
+  f.dest_defined = true;
   KVMIG_ASSIGN(f.dest_active, dom.active());
   if (f.dest_active) {
-    KVMIG_ASSIGN(int state, dom.state());
+    int state = 0, reason = 0;
+    if (virDomainGetState(dom.get(), &state, &reason, 0) < 0) return libvirt_error("virDomainGetState " + dom.name());
     f.dest_paused = state == VIR_DOMAIN_PAUSED;
+    // Arrived: not paused for an incoming migration, and no job left. libvirt may refuse job
+    // statistics in the middle of an incoming migration: then it has not arrived.
+    if (!(f.dest_paused && reason == VIR_DOMAIN_PAUSED_MIGRATION)) {
+      auto job = job_stats(dom, false);
+      f.dest_arrived = job.ok() && job->job_type == VIR_DOMAIN_JOB_NONE;
+    }
   }
   return ok();
 }
@@ -292,7 +334,7 @@ Result<std::vector<DomainStatus>> read_domain_status(LibvirtSites& sites, const 
   }
   LibvirtPlaceholders dest_store(sites.dest);
   KVMIG_ASSIGN(std::vector<Placeholder> placeholders, dest_store.list());
-  LibvirtSource source(sites.source, sites.source_records);
+  LibvirtSource source(sites.source, sites.source_records, sites.source_error);
   std::vector<DomainStatus> out;
   for (auto& [key, dest] : gather_destination(records, placeholders, migration_id, extra_vms)) {
     DomainFacts f;

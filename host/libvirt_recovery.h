@@ -13,7 +13,8 @@
 //     active with no job (so the source holds the whole VM).
 //   - libvirt stops the source copy when its migration finishes, before kvmig can tag the
 //     placeholder (there is no step between libvirt's Finish and Confirm). A source shut off
-//     with reason "migrated" and an untagged, active, paused domain of this migration at the
+//     (with reason "migrated", or whatever the reason once the destination's domain is active
+//     with no incoming job left) and an untagged, active domain of this migration at the
 //     destination is "handed over": the seed's answer is not "migrated" (no tag), but the
 //     only copy of the VM is the paused destination domain, so resuming the source is
 //     impossible and removing the destination would lose the VM. `kvmig status` says in
@@ -22,6 +23,13 @@
 //     destroyed, and no copy but that one can run.
 //   - "migrated" may leave the arrived domain paused (never resumed) and the source's
 //     definition shut off but defined: recovery resumes the one and undefines the other.
+//   - "migrated" whose domain no longer runs at the destination (its QEMU ended after the
+//     hand-over): the VM runs nowhere. Recovery reports it and never destroys a source copy
+//     that still runs or is paused then (it would be the only one left).
+//   - The source's libvirtd may be down (killed): its copies' state is unknown. The verdict
+//     comes from the destination as ever, but an untagged active domain there is then in
+//     doubt (it may be a hand-over the source can no longer confirm), and nothing is resumed
+//     or destroyed on the source's behalf.
 //   - A domain is matched on migration id and UUID, not UUID alone: at the destination only a
 //     domain carrying this migration's kvmig mark is touched; at the source, a domain with
 //     the UUID is this migration's source copy only if the source did not record it released
@@ -46,6 +54,11 @@ struct DomainFacts {
   bool source_migrated_off = false;  // ... shut off by libvirt's migration (SHUTOFF_MIGRATED)
   bool dest_active = false;          // this migration's domain at the destination runs or is paused
   bool dest_paused = false;
+  bool dest_defined = false;         // this migration's domain is defined at the destination
+  // ... active with no incoming job: libvirt's Finish took it (an incoming migration that fails
+  // ends its QEMU), so it holds the whole VM. The destination's own evidence of a hand-over,
+  // which outlives a restart of the source's libvirtd (that forgets why a domain is shut off).
+  bool dest_arrived = false;
 };
 
 struct DomainStatus {
@@ -80,7 +93,10 @@ DomainPlan plan_domain(const DomainStatus& status);
 // The source's libvirtd and site: the source copies of a migration's domains.
 class LibvirtSource : public SourceActions {
  public:
-  LibvirtSource(const LibvirtConn& conn, SiteRecords& records) : conn_(conn), records_(records) {}
+  // `unreachable`: why the source's libvirtd could not be opened (`conn` is then empty); every
+  // copy's state is then unknown, and its site still says what it released.
+  LibvirtSource(const LibvirtConn& conn, SiteRecords& records, std::string unreachable = "")
+      : conn_(conn), records_(records), unreachable_(std::move(unreachable)) {}
   std::string_view kind() const override { return "libvirt"; }
   Result<SourceFacts> inspect(const std::string& migration_id, const std::string& uuid) override;
   Result<void> resume(const std::string& uuid) override;
@@ -95,6 +111,7 @@ class LibvirtSource : public SourceActions {
  private:
   const LibvirtConn& conn_;
   SiteRecords& records_;
+  std::string unreachable_;
 };
 
 // Both sites of a libvirt migration, as `kvmig status` / `kvmig recover` reach them.
@@ -103,6 +120,7 @@ struct LibvirtSites {
   const LibvirtConn& dest;
   SiteRecords& source_records;
   const LibvirtConn& source;
+  std::string source_error = {};  // non-empty: `source` is not open, and why
 };
 
 // The status of every domain of `migration_id` (and of `extra_vms`, which the destination may

@@ -42,8 +42,14 @@ Result<void> MicroVmSite::register_running(const std::string& uuid_in, const std
     if (alive.ok())
       return Error{"vm " + uuid + " already runs at site " + db_->dir() + " (control socket " + have->control + ")"};
   }
-  if (auto r = registry_.register_running(uuid, name, control); !r.ok())
+  // The hold first: a live holder refuses the UUID even when its control socket is gone.
+  if (!holder_.held()) {
+    KVMIG_ASSIGN(holder_, VmHolder::take(db_->dir(), uuid, ""));
+  }
+  if (auto r = registry_.register_running(uuid, name, control); !r.ok()) {
+    holder_.release();
     return std::move(r.error().prefix("site " + db_->dir()));
+  }
   uuid_ = uuid;
   control_ = control;
   return ok();
@@ -65,6 +71,7 @@ void MicroVmSite::leave() {
   // whose control socket changed belongs to whoever took the UUID over since.
   if (have.ok() && *have && (*have)->state == VmEntryState::running && (*have)->control == control_)
     (void)registry_.unregister(uuid_);
+  holder_.release();  // after the row: whoever sees the hold gone sees the row gone too
 }
 
 std::string MicroVmSite::uuid() {
@@ -75,6 +82,11 @@ std::string MicroVmSite::uuid() {
 Result<void> MicroVmSite::on_started(const helper::SessionVm& vm) {
   {
     std::lock_guard lock(mu_);
+    // Held before the started record: from then on, until this process ends, the status
+    // checker can tell this destination's copy is alive even before it runs.
+    if (!holder_.held()) {
+      KVMIG_ASSIGN(holder_, VmHolder::take(db_->dir(), uuid_text(vm.uuid), vm.migration_id));
+    }
     KVMIG_TRY(recorder_.on_started(vm));
     uuid_ = uuid_text(vm.uuid);
   }
@@ -89,8 +101,14 @@ Result<void> MicroVmSite::on_round(const helper::SessionVm& vm) {
 
 Result<void> MicroVmSite::on_completed(const helper::SessionVm& vm) {
   helper::fault_point("destination", "commit");  // test hook (helper/fault_point.h)
-  std::lock_guard lock(mu_);
-  return recorder_.on_completed(vm);
+  {
+    std::lock_guard lock(mu_);
+    KVMIG_TRY(recorder_.on_completed(vm));
+  }
+  // Tagged and durable, the first vCPU run still ahead: the window in which the records say
+  // "migrated" while the only copy that ever ran is the paused source.
+  helper::fault_point("destination", "tagged");  // test hook (helper/fault_point.h)
+  return ok();
 }
 
 Result<void> MicroVmSite::on_aborted(const helper::SessionVm& vm, const std::string& reason) {

@@ -25,6 +25,7 @@
 #include "host/placeholder_registry.h"
 #include "host/site_db.h"
 #include "host/site_records.h"
+#include "host/vm_holder.h"
 
 namespace kvmig::host {
 
@@ -51,6 +52,8 @@ class MicroVmSite : public helper::SessionEvents, public helper::SourceEvents {
   // Destination (helper/session_events.h): recorded through MigrationRecorder.
   Result<void> on_started(const helper::SessionVm& vm) override;
   Result<void> on_round(const helper::SessionVm& vm) override;
+  // After the tag is durable, the fault point `destination:tagged` (helper/fault_point.h): the
+  // vCPUs have not run yet.
   Result<void> on_completed(const helper::SessionVm& vm) override;
   Result<void> on_aborted(const helper::SessionVm& vm, const std::string& reason) override;
   // Source: source_released recorded. The running row stays until the process ends (leave()),
@@ -68,6 +71,10 @@ class MicroVmSite : public helper::SessionEvents, public helper::SourceEvents {
   MigrationRecorder recorder_;
   std::string uuid_;
   std::string control_;
+  // This process's hold on its VM at the site (host/vm_holder.h): from registration (source)
+  // or from the migration-started record (destination) to the process's end. It is how the
+  // status checker tells a dead copy from one that has not opened its control socket yet.
+  VmHolder holder_;
 };
 
 }  // namespace kvmig::host

@@ -1,6 +1,7 @@
 #include "host/placeholder_registry.h"
 
 #include "host/site_records.h"
+#include "host/vm_holder.h"
 
 namespace kvmig::host {
 
@@ -48,6 +49,13 @@ Result<void> MicroVmRegistry::create(const std::string& uuid_in, const std::stri
   Transaction tx(db_);
   KVMIG_TRY(tx.begun());
   KVMIG_ASSIGN(std::optional<Placeholder> have, find(uuid));
+  if (have && have->state == VmEntryState::running) {
+    KVMIG_ASSIGN(bool stale, stale_running(*have));
+    if (stale) {
+      KVMIG_TRY(unregister(uuid));
+      have.reset();
+    }
+  }
   if (have) {
     if (have->migration_id == migration_id && have->state != VmEntryState::running) return tx.commit();
     return Error{"placeholder " + uuid + ": a VM with this UUID is already here (" +
@@ -59,6 +67,21 @@ Result<void> MicroVmRegistry::create(const std::string& uuid_in, const std::stri
   s->bind(1, uuid).bind(2, name.empty() ? uuid : name).bind(3, migration_id).bind(4, now_ms());
   if (auto r = s->run(); !r.ok()) return std::move(r.error().prefix("placeholder " + uuid));
   return tx.commit();
+}
+
+Result<bool> MicroVmRegistry::stale_running(const Placeholder& row) {
+  // Its process is gone. The holder lock cannot say so here: the caller, a receiving process,
+  // holds that lock itself already (taking it refused any live holder). What is left to ask is
+  // the control socket, for a row of a process that predates holders or held nothing.
+  if (row.control.empty() || !control_socket_dead(row.control)) return false;
+  // And it left by migration: released here after the row was made. A VM that merely crashed
+  // here is not replaced by an incoming copy of the same UUID without an operator.
+  KVMIG_ASSIGN(Statement * s, db_.prepare("SELECT 1 FROM records WHERE vm_uuid = ?1 AND kind = 'source_released' "
+                                          "AND at_ms >= ?2 LIMIT 1"));
+  s->bind(1, row.uuid).bind(2, row.created_ms);
+  auto found = s->step();
+  s->reset();
+  return found;
 }
 
 Result<std::optional<Placeholder>> MicroVmRegistry::find(const std::string& uuid) {
@@ -147,6 +170,14 @@ Result<void> MicroVmRegistry::set_control(const std::string& uuid, const std::st
   KVMIG_ASSIGN(int changed, s->run());
   if (changed == 0) return Error{"vm " + uuid + ": not in this site's registry"};
   return ok();
+}
+
+Result<bool> MicroVmRegistry::revoke_completed(const std::string& uuid, const std::string& migration_id) {
+  KVMIG_ASSIGN(Statement * s, db_.prepare("DELETE FROM vms WHERE uuid = ?1 AND migration_id = ?2 "
+                                          "AND state = 'completed'"));
+  s->bind(1, uuid).bind(2, migration_id);
+  KVMIG_ASSIGN(int changed, s->run());
+  return changed == 1;
 }
 
 Result<bool> MicroVmRegistry::unregister(const std::string& uuid) {

@@ -44,7 +44,8 @@ class PlaceholderStore {
 
   // Creates the placeholder of `uuid` for `migration_id`. Repeating the call for the same
   // migration is fine; a VM with that UUID here for any other reason is an error (two VMs
-  // must never share a UUID at one site).
+  // must never share a UUID at one site). MicroVmRegistry replaces a stale `running` row
+  // (its process gone, the VM released from here since): the VM may come back.
   virtual Result<void> create(const std::string& uuid, const std::string& name,
                               const std::string& migration_id) = 0;
   virtual Result<std::optional<Placeholder>> find(const std::string& uuid) = 0;
@@ -79,8 +80,15 @@ class MicroVmRegistry : public PlaceholderStore {
   Result<void> set_control(const std::string& uuid, const std::string& control);
   // Forgets a VM (the source's copy once released). false: it was not registered.
   Result<bool> unregister(const std::string& uuid);
+  // Removes the *tagged* placeholder of this migration: only for `kvmig recover
+  // --resume-source`, once the copy it stood for is known gone (host/recovery.h). false: none.
+  Result<bool> revoke_completed(const std::string& uuid, const std::string& migration_id);
 
  private:
+  // A `running` row whose process is gone (control socket dead) and whose VM this site
+  // recorded released since: the copy moved away and its process died before removing the
+  // row. create() replaces such a row; never a live one.
+  Result<bool> stale_running(const Placeholder& row);
   SiteDb& db_;
 };
 

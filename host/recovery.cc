@@ -3,6 +3,7 @@
 #include <cerrno>
 
 #include "host/control_server.h"
+#include "host/vm_holder.h"
 
 namespace kvmig::host {
 
@@ -44,8 +45,10 @@ Result<SourceFacts> MicroVmSource::inspect(const std::string& migration_id, cons
   // so (migrate-progress names its last outgoing migration); a copy that never sent it is
   // another one. A process too old to say is taken for this migration's copy.
   auto progress = control_request(vm->control, {{"cmd", "migrate-progress"}});
-  if (progress.ok() && progress->contains("migration_id") && (*progress)["migration_id"].is_string() &&
-      (*progress)["migration_id"].get<std::string>() != migration_id) {
+  const bool names_it = progress.ok() && progress->contains("migration_id") && (*progress)["migration_id"].is_string();
+  if (names_it && (*progress)["migration_id"].get<std::string>() == migration_id)
+    f.got_done = progress->value("phase", std::string()) == "done";  // DONE read (release may have failed)
+  if (names_it && (*progress)["migration_id"].get<std::string>() != migration_id) {
     std::string sent = (*progress)["migration_id"].get<std::string>();
     f.detail = "a VM with this UUID runs here (" + std::string(source_state_name(f.state)) + "), " +
                (sent.empty() ? std::string("never a source") : "last sent by migration " + sent) +
@@ -93,6 +96,18 @@ Result<std::vector<VmStatus>> read_status(SiteRecords& destination, PlaceholderS
   std::vector<VmStatus> out;
   out.reserve(facts.size());
   for (auto& [key, dest] : facts) {
+    // Liveness matters only for a tagged placeholder of this migration: one probe each.
+    if (dest.placeholder && dest.placeholder->migration_id == key.first && dest.placeholder->completed()) {
+      HolderProbe h = probe_holder(destination.db().dir(), key.second);
+      dest.copy_detail = h.detail;
+      if (h.state == HolderProbe::gone) {
+        dest.copy = CopyLiveness::gone;
+      } else if (h.state == HolderProbe::alive) {
+        // Held by a process that names another migration: not this migration's copy, and not
+        // proof that it is gone either.
+        dest.copy = h.migration_id.empty() || h.migration_id == key.first ? CopyLiveness::alive : CopyLiveness::unknown;
+      }
+    }
     SourceFacts src;
     if (source) {
       auto s = source->inspect(key.first, key.second);
@@ -185,6 +200,53 @@ RecoveryOutcome recover_vm(const VmStatus& st, MigrationRecorder& destination, S
     out.done.emplace_back(recovery_step_name(step));
   }
   out.problem = plan.problem;
+  return out;
+}
+
+std::string resume_source_refusal(const VmStatus& st) {
+  const DestinationFacts& d = st.destination;
+  if (st.verdict != Verdict::in_doubt) return "not in doubt (" + std::string(verdict_name(st.verdict)) + "): use plain `kvmig recover`";
+  if (!d.readable) return "the destination site is unreadable";
+  if (!d.placeholder || d.placeholder->migration_id != st.migration_id || !d.placeholder->completed())
+    return "no tagged placeholder of this migration at the destination";
+  if (d.copy != CopyLiveness::gone)
+    return "the destination copy is not known gone (" + std::string(copy_liveness_name(d.copy)) + ")";
+  if (st.source.released || st.source.got_done) return "the source got DONE: the VM ran at the destination";
+  if (st.source.state != SourceState::paused)
+    return "the source does not hold a paused copy of this migration (" + std::string(source_state_name(st.source.state)) + ")";
+  return {};
+}
+
+RecoveryOutcome resume_source_vm(const VmStatus& st, SiteRecords& destination, MicroVmRegistry& store,
+                                 SourceActions& source) {
+  RecoveryOutcome out{st, {}, {}};
+  out.problem = resume_source_refusal(st);
+  if (!out.problem.empty()) {
+    out.problem = "--resume-source refused: " + out.problem;
+    return out;
+  }
+  auto fence = [&]() -> Result<void> {
+    // Nobody may take the VM at the destination while it is fenced; lock_if_gone fails if a
+    // live process holds it after all (the status was read a moment ago).
+    KVMIG_ASSIGN(Fd hold, lock_if_gone(destination.db().dir(), st.vm_uuid));
+    Transaction tx(destination.db());
+    KVMIG_TRY(tx.begun());
+    KVMIG_ASSIGN(bool removed, store.revoke_completed(st.vm_uuid, st.migration_id));
+    if (!removed) return Error{"the tagged placeholder changed meanwhile: read the status again"};
+    KVMIG_TRY(destination.append(RecordKind::aborted, st.migration_id, st.vm_uuid,
+                                 "recovered: tagged copy gone, source resumed by the operator"));
+    return tx.commit();
+  };
+  if (auto r = fence(); !r.ok()) {
+    out.problem = "fencing the destination's tagged placeholder failed: " + r.error().message;
+    return out;
+  }
+  out.done.emplace_back("tagged placeholder removed, aborted recorded at the destination");
+  if (auto r = source.resume(st.vm_uuid); !r.ok()) {
+    out.problem = std::string(recovery_step_name(RecoveryStep::resume_source)) + " failed: " + r.error().message;
+    return out;
+  }
+  out.done.emplace_back(recovery_step_name(RecoveryStep::resume_source));
   return out;
 }
 

@@ -80,4 +80,17 @@ struct RecoveryOutcome {
 RecoveryOutcome recover_vm(const VmStatus& status, MigrationRecorder& destination, SourceActions& source,
                            MigrationRecorder& source_recorder);
 
+// `kvmig recover --resume-source`, the operator's answer to one in-doubt case: the destination
+// tagged its placeholder completed, its process is gone (host/vm_holder.h), the source never got
+// DONE and holds the paused copy. The destination may have died before its first vCPU run or
+// just after it (the vCPUs start before DONE is sent), so no automatic path takes it; an
+// operator who knows the destination side (or accepts the VM going back to its switch-over
+// state) resumes the source. Empty: allowed; otherwise why not. Pure.
+std::string resume_source_refusal(const VmStatus& status);
+// Carries it out: with the destination's holder lock taken (no process can take the VM there
+// meanwhile), the tagged placeholder is removed and `aborted` recorded in one transaction, so
+// no destination can complete or run this migration any more; only then the source resumes.
+RecoveryOutcome resume_source_vm(const VmStatus& status, SiteRecords& destination, MicroVmRegistry& destination_store,
+                                 SourceActions& source);
+
 }  // namespace kvmig::host

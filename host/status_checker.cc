@@ -24,6 +24,15 @@ std::string_view source_state_name(SourceState s) {
   return "unknown";
 }
 
+std::string_view copy_liveness_name(CopyLiveness c) {
+  switch (c) {
+    case CopyLiveness::unknown: return "unknown";
+    case CopyLiveness::alive: return "alive";
+    case CopyLiveness::gone: return "gone";
+  }
+  return "unknown";
+}
+
 namespace {
 
 VmStatus verdict(VmStatus st, Verdict v, std::string reason) {
@@ -58,6 +67,12 @@ VmStatus check_vm(const std::string& migration_id, const std::string& vm_uuid, c
   }
   // Step 2: a placeholder with the same UUID.
   if (!own_placeholder) {
+    // `kvmig recover --resume-source` removed a tagged placeholder whose copy it found gone and
+    // recorded the abort after the completion, in one transaction, before resuming the source.
+    if (d.completed_record && d.aborted_after_completion && !s.released && !s.got_done)
+      return verdict(std::move(st), Verdict::not_migrated,
+                     "the destination's tagged copy was found gone and fenced (aborted after completion): "
+                     "the source copy is the VM");
     if (d.completed_record || s.released)
       return verdict(std::move(st), Verdict::in_doubt,
                      std::string(d.completed_record ? "completion recorded" : "the source released its copy") +
@@ -85,6 +100,42 @@ VmStatus check_vm(const std::string& migration_id, const std::string& vm_uuid, c
   if (d.aborted)
     return verdict(std::move(st), Verdict::in_doubt, "both aborted and completed are recorded for this VM");
   std::string why = "migration-started record, placeholder, completed event";
+  if (d.copy == CopyLiveness::gone) {
+    // The process that received this migration has ended. DONE is sent only after the vCPUs
+    // start, so a source that got it proves the VM ran there: it ended after the move.
+    if (s.released || s.got_done)
+      return verdict(std::move(st), Verdict::migrated,
+                     why + "; the destination copy is not running (the VM ended after the move: nothing to resume)" +
+                         (s.state == SourceState::running || s.state == SourceState::paused
+                              ? "; the source copy still exists (" + std::string(source_state_name(s.state)) +
+                                    "): recover destroys it"
+                              : std::string()));
+    // Without DONE the destination may have died before its first vCPU run, or just after it
+    // (the vCPUs start before DONE is sent): the records cannot tell, so nothing is automatic.
+    // A control socket on the row was registered after the VM ran: then it did run.
+    const bool ran = !d.placeholder->control.empty();
+    std::string gone = ran ? "destination copy is gone; it ran (its control socket was registered), but the "
+                             "source never got DONE"
+                           : "destination copy is gone; it may never have run (tagged completed, its process "
+                             "ended, the source never got DONE)";
+    switch (s.state) {
+      case SourceState::paused:
+        return verdict(std::move(st), Verdict::in_doubt,
+                       gone + "; the source holds the paused copy: `kvmig recover --resume-source` resumes it" +
+                           (ran ? " (the VM then goes back to the switch-over)" : ""));
+      case SourceState::running:
+        return verdict(std::move(st), Verdict::in_doubt, gone + "; the source copy runs (resumed by hand?)");
+      case SourceState::gone:
+        return verdict(std::move(st), Verdict::in_doubt, gone + "; the source copy is gone too: the VM runs nowhere");
+      case SourceState::other:
+        return verdict(std::move(st), Verdict::in_doubt, gone + "; the VM at the source is not this migration's copy");
+      case SourceState::unknown:
+        return verdict(std::move(st), Verdict::in_doubt,
+                       gone + "; the source copy's state is unknown" +
+                           (s.detail.empty() ? std::string() : " (" + s.detail + ")"));
+    }
+  }
+  if (d.copy == CopyLiveness::alive) why += "; the destination copy is alive";
   if (s.state == SourceState::running || s.state == SourceState::paused)
     why += "; the source copy still exists (" + std::string(source_state_name(s.state)) + "): recover destroys it";
   return verdict(std::move(st), Verdict::migrated, why);
@@ -108,10 +159,13 @@ nlohmann::json to_json(const VmStatus& st) {
             {"started", st.destination.started},
             {"placeholder", placeholder},
             {"completed_record", st.destination.completed_record},
-            {"aborted", st.destination.aborted}}},
+            {"aborted", st.destination.aborted},
+            {"copy", copy_liveness_name(st.destination.copy)},
+            {"copy_detail", st.destination.copy_detail}}},
           {"source",
            {{"state", source_state_name(st.source.state)},
             {"released", st.source.released},
+            {"got_done", st.source.got_done},
             {"detail", st.source.detail}}}};
 }
 
@@ -123,13 +177,16 @@ std::map<VmKey, DestinationFacts> gather_destination(const std::vector<Record>& 
   for (const Record& r : records) {
     if (!only_migration.empty() && r.migration_id != only_migration) continue;
     DestinationFacts& f = out[{r.migration_id, r.vm_uuid}];
-    switch (r.kind) {
+    switch (r.kind) {  // in seq order: an abort after the completion is a fence of a tagged copy
       case RecordKind::migration_started: f.started = true; break;
       case RecordKind::migration_completed:
         f.completed_record = true;
         f.completed_ms = r.at_ms;
         break;
-      case RecordKind::aborted: f.aborted = true; break;
+      case RecordKind::aborted:
+        f.aborted = true;
+        if (f.completed_record) f.aborted_after_completion = true;
+        break;
       case RecordKind::placeholder_created:
       case RecordKind::source_released: break;
     }

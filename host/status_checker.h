@@ -32,6 +32,14 @@ enum class SourceState {
 };
 std::string_view source_state_name(SourceState s);
 
+// Whether the destination's copy of this migration still has a live process (host/vm_holder.h).
+enum class CopyLiveness {
+  unknown,  // not asked, or cannot be told (no holder: an older kvmig, a libvirt domain)
+  alive,    // the process that received this migration still holds the VM (running or not yet)
+  gone,     // that process has ended: whatever it ran is gone
+};
+std::string_view copy_liveness_name(CopyLiveness c);
+
 // What the destination site says about one VM of one migration.
 struct DestinationFacts {
   bool readable = true;
@@ -39,14 +47,22 @@ struct DestinationFacts {
   bool started = false;           // a migration_started record
   bool completed_record = false;  // a migration_completed record
   bool aborted = false;           // an aborted record
+  // The aborted record came after the completed one: recovery fenced a tagged copy it found
+  // gone (`kvmig recover --resume-source`), and the source copy is the VM again.
+  bool aborted_after_completion = false;
   int64_t completed_ms = 0;
   std::optional<Placeholder> placeholder;  // the VM with this UUID there, whatever its migration
+  CopyLiveness copy = CopyLiveness::unknown;  // of this migration's tagged placeholder
+  std::string copy_detail;
 };
 
 struct SourceFacts {
   SourceState state = SourceState::unknown;
   bool released = false;  // a source_released record at the source site
   std::string detail;     // e.g. why the state is unknown
+  // The source session read DONE (its process says so). DONE is sent only once the destination's
+  // vCPUs run, so this (or `released`, recorded right after DONE) proves the destination ran.
+  bool got_done = false;
 };
 
 struct VmStatus {

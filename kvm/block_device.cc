@@ -1,9 +1,13 @@
 #include "kvm/block_device.h"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <bit>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "kvm/device_dirty.h"
 #include "kvm/guest_memory.h"
@@ -39,12 +43,18 @@ Result<std::unique_ptr<BlockDevice>> BlockDevice::open(int index, const std::str
                }));
   std::unique_ptr<BlockDevice> d(new BlockDevice(index, block_bytes, backend->size(), memory, dirty));
   d->backend_ = std::move(backend);
+  if (const char* hold = std::getenv("KVMIG_DISK_HOLD")) d->hold_path_ = hold;
   target->store(d.get(), std::memory_order_release);  // no request can complete before this: none was sent
   return d;
 }
 
 BlockDevice::~BlockDevice() {
-  drain();
+  // Unbounded on purpose: the kernel may still write into guest memory and call back into
+  // this object; neither may outlive it.
+  {
+    std::unique_lock lock(mu_);
+    idle_.wait(lock, [&] { return in_flight_ == 0; });
+  }
   backend_.reset();
 }
 
@@ -58,9 +68,12 @@ uint32_t BlockDevice::in_flight() const {
   return in_flight_;
 }
 
-void BlockDevice::drain() {
+Result<void> BlockDevice::drain(std::chrono::milliseconds limit) {
   std::unique_lock lock(mu_);
-  idle_.wait(lock, [&] { return in_flight_ == 0; });
+  if (idle_.wait_for(lock, limit, [&] { return in_flight_ == 0; })) return ok();
+  return Error{"disk " + std::to_string(index_) + " (" + backend_->path() + "): " + std::to_string(in_flight_) +
+               " guest request(s) still in flight on the host after " + std::to_string(limit.count()) +
+               " ms (host I/O hung?)"};
 }
 
 void BlockDevice::handle_port(uint16_t offset, bool out, uint8_t size, uint8_t* data) {
@@ -206,7 +219,21 @@ void BlockDevice::complete_locked(uint32_t slot, uint8_t status) {
   dirty_.mark(ring_gpa_, sizeof(uint32_t));
 }
 
+void BlockDevice::hold_if_asked() {
+  if (hold_path_.empty()) return;
+  bool said = false;
+  while (::access(hold_path_.c_str(), F_OK) == 0) {
+    if (!said) {
+      std::fprintf(stderr, "kvmig: disk %d: KVMIG_DISK_HOLD: holding completions while %s exists\n", index_,
+                   hold_path_.c_str());
+      said = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
 void BlockDevice::on_completion(uint64_t slot, int64_t result) {
+  hold_if_asked();  // outside the lock: a hung host I/O does not hold the device's mutex either
   std::lock_guard lock(mu_);
   Slot& s = slots_[slot];
   const BlkDescriptor& d = s.desc;
@@ -244,7 +271,7 @@ void BlockDevice::note_bad(const char* what, uint32_t detail) {
 }
 
 Result<StateSection> BlockDevice::save() {
-  drain();
+  KVMIG_TRY(drain());
   std::lock_guard lock(mu_);
   PayloadWriter w;
   w.put(ring_gpa_);

@@ -10,6 +10,7 @@
 // the write, so live migration resends those pages.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -29,6 +30,10 @@ class DeviceDirty;
 class GuestMemory;
 
 inline constexpr uint32_t kBlkSectionVersion = 1;
+// How long a pause (or a save) waits for the host to finish the guest's requests in flight.
+// A host I/O that hangs longer (a dead NFS server, a failing disk retrying) fails the pause
+// instead of freezing the VM and whoever paused it: a stuck pause is a frozen guest.
+inline constexpr std::chrono::milliseconds kBlkDrainLimit{5000};
 
 struct BlockDeviceStats {
   uint64_t reads = 0, writes = 0, flushes = 0;
@@ -55,13 +60,16 @@ class BlockDevice final : public Snapshottable {
   // One register access; `offset` is relative to port_base(). Runs on a vCPU thread.
   void handle_port(uint16_t offset, bool out, uint8_t size, uint8_t* data);
   // Returns once no request is in flight. With the vCPUs parked, nothing starts a new one,
-  // so the ring, the disk and guest memory stay as they are until they resume.
-  void drain();
+  // so the ring, the disk and guest memory stay as they are until they resume. After
+  // `limit` with requests still in flight, an error naming the disk and how many (the
+  // requests go on; the caller must let the VM run, it cannot be paused consistently).
+  Result<void> drain(std::chrono::milliseconds limit = kBlkDrainLimit);
   uint32_t in_flight() const;
 
   std::string snapshot_id() const override { return "dev.blk." + std::to_string(index_); }
   // "dev.blk.N" v1: uint64 ring gpa, uint32 entries (0 = no ring), uint32 consumed index,
-  // uint32 used counter, uint32 status bits, uint64 staged ring address. Drains first.
+  // uint32 used counter, uint32 status bits, uint64 staged ring address. Drains first
+  // (bounded: a hung host I/O fails the save).
   Result<StateSection> save() override;
   Result<void> restore(const StateSection& section) override;
 
@@ -82,6 +90,13 @@ class BlockDevice final : public Snapshottable {
   void on_completion(uint64_t slot, int64_t result);
   uint8_t* ring_host() const;
   void note_bad(const char* what, uint32_t slot);
+  void hold_if_asked();
+
+  // Test hook, KVMIG_DISK_HOLD=PATH: while PATH exists, every completion waits before it
+  // reaches the device, exactly as if the host I/O hung (the requests stay in flight). Lets
+  // tests/integration/disk_migration_test.cc prove a hung disk fails a pause instead of
+  // freezing the VM, with the very binary users run. Unset, it costs one branch per request.
+  std::string hold_path_;
 
   int index_;
   GuestMemory& memory_;

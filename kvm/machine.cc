@@ -159,7 +159,15 @@ Result<void> Machine::pause() {
   ctl_->cv.wait(lock, [&] { return ctl_->parked == ctl_->alive; });
   // Quiesce the disks: with every vCPU parked nobody rings a doorbell, so once the requests
   // in flight complete, guest memory, the rings and the images stay still until resume.
-  for (auto& d : disks_) d->drain();
+  // A host I/O that hangs past the drain limit fails the pause and the vCPUs run on: a VM
+  // frozen behind a dead disk is worse than a pause (or a migration) refused.
+  for (auto& d : disks_) {
+    if (auto drained = d->drain(); !drained.ok()) {
+      ctl_->pause_requested.store(false);
+      ctl_->cv.notify_all();
+      return std::move(drained.error().prefix("pause"));
+    }
+  }
   ctl_->paused = true;
   double us = std::chrono::duration<double, std::micro>(Clock::now() - begin).count();
   if (ctl_->pauses == 0 || us < ctl_->pause_min_us) ctl_->pause_min_us = us;

@@ -50,7 +50,8 @@ class Machine : public Pausable {
   // INIT/SIPI in the kernel, as on real hardware.
   Result<void> start();
   // Returns once every vCPU is out of KVM_RUN, its pending I/O completed, and parked; so
-  // their state may be read or saved. Bounded latency: a signal kicks each vCPU out.
+  // their state may be read or saved. Bounded latency: a signal kicks each vCPU out. A disk
+  // request the host does not finish within kBlkDrainLimit (5 s) fails the pause, vCPUs running.
   Result<void> pause() override;
   Result<void> resume() override;
   bool paused() const;

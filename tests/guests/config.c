@@ -98,6 +98,9 @@ static const char* apply(struct config* c, const char* k, unsigned kn, const cha
     if (!parse_num(v, vn, true, &x) || x < 4096 || x > 256 * 1024 || (x & (x - 1)))
       return "bad dblock= (power of two 4K..256K)";
     c->dblock = x;
+  } else if (str_eq(k, kn, "dqd")) {
+    if (!parse_num(v, vn, false, &x) || x < 8 || x > 64 || (x & (x - 1))) return "bad dqd= (8, 16, 32 or 64)";
+    c->dqd = x;
   } else if (str_eq(k, kn, "dpass")) {
     if (!parse_num(v, vn, false, &x) || x < 1 || x > (1ull << 30)) return "bad dpass= (1..)";
     c->dpass = x;
@@ -109,7 +112,7 @@ static const char* apply(struct config* c, const char* k, unsigned kn, const cha
     c->dbad = x == 1;
   } else {
     return "unknown option (ws pattern hot hotp rate vcpus passes report_ms tsc_khz idle disk dpattern dhot "
-           "drate dblock dpass dverify dbad)";
+           "drate dblock dqd dpass dverify dbad)";
   }
   return 0;
 }
@@ -130,6 +133,7 @@ const char* parse_cmdline(const char* s, struct config* c) {
   c->dhot_pct = 10;
   c->drate_mibps = 0;
   c->dblock = 64 * 1024;
+  c->dqd = 8;
   c->dpass = 64;
   c->dverify = 64;
   c->dbad = false;
@@ -152,5 +156,6 @@ const char* parse_cmdline(const char* s, struct config* c) {
   }
   c->ws_pages = c->ws_bytes / PAGE_SIZE;
   if (c->ws_pages < c->vcpus) return "ws= smaller than one page per vCPU";
+  if (c->dqd * c->dblock > 8 * MIB) return "dqd= times dblock= exceeds the 8 MiB disk buffer pool";
   return 0;
 }

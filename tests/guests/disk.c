@@ -29,12 +29,17 @@
 #define ST_UNSUPPORTED 3
 #define ST_PENDING 0xff
 
-#define DQD 8                     /* requests in flight per batch = ring entries */
-#define DBLOCK_MAX (256 * 1024)
+/* dqd= requests in flight per batch = ring entries (default 8). More in flight keeps the
+ * guest's rate up when each request waits longer on the host (a disk shared with a migration's
+ * bulk copy): throughput is about dqd * dblock / latency. */
+#define DQD_MAX 64
+#define DPOOL_BYTES (8 * 1024 * 1024) /* dqd * dblock at most (config.c checks) */
 #define DSHADOW_MAX (256 * 1024)  /* blocks tracked: 16 GiB of disk at 64 KiB */
 #define DTAG(b) (0x6b64000000000000ull | (uint64_t)(b))
 #define MAX_CORRUPT_LINES_PER_PASS 4
-#define REQUEST_TIMEOUT_MS 10000
+/* Well past the host's pause drain limit (5 s, kvm/block_device.h) plus a migration's setup: a
+ * test that holds the host I/O that long must see the pause fail, not the guest give up. */
+#define REQUEST_TIMEOUT_MS 30000
 
 struct blk_desc {
   volatile uint8_t op;
@@ -47,17 +52,18 @@ struct blk_desc {
 static struct {
   volatile uint32_t used;
   uint32_t pad[15];
-  struct blk_desc d[DQD];
+  struct blk_desc d[DQD_MAX];
 } ring __attribute__((aligned(4096)));
-static uint8_t dbuf[DQD][DBLOCK_MAX] __attribute__((aligned(4096)));
+static uint8_t dpool[DPOOL_BYTES] __attribute__((aligned(4096)));
+static inline uint8_t* dbuf(unsigned i) { return dpool + (uint64_t)i * cfg.dblock; }
 static uint64_t dshadow[DSHADOW_MAX];
 
 static uint64_t nblocks, sectors;
-static uint32_t avail; /* free-running; request i of a batch is in slot (avail + i) % DQD */
+static uint32_t avail; /* free-running; request i of a batch is in slot (avail + i) % dqd */
 
 /* Request i of the batch being built, or, after run_batch, of the batch just completed. */
 static uint32_t batch_base;
-static inline struct blk_desc* req(unsigned i) { return &ring.d[(batch_base + i) & (DQD - 1)]; }
+static inline struct blk_desc* req(unsigned i) { return &ring.d[(batch_base + i) & (cfg.dqd - 1)]; }
 
 struct disk_state {
   uint64_t writes, reads, errors;
@@ -84,8 +90,8 @@ const char* disk_init(void) {
   uint64_t pa = (uint64_t)&ring; /* the image is identity-mapped */
   outl(BLK_PORT + REG_RING_LO, (uint32_t)pa);
   outl(BLK_PORT + REG_RING_HI, (uint32_t)(pa >> 32));
-  outl(BLK_PORT + REG_RING_SIZE, DQD);
-  if (inl(BLK_PORT + REG_RING_SIZE) != DQD || inl(BLK_PORT + REG_DOORBELL) != 0) return "block device refused the ring";
+  outl(BLK_PORT + REG_RING_SIZE, (uint32_t)cfg.dqd);
+  if (inl(BLK_PORT + REG_RING_SIZE) != cfg.dqd || inl(BLK_PORT + REG_DOORBELL) != 0) return "block device refused the ring";
   struct line l;
   line_init(&l);
   line_str(&l, "kvmig-guest: disk start blocks=");
@@ -192,21 +198,21 @@ static uint64_t pick_block(void) {
   return cold == 0 || below(100) < 90 ? below(hot) : hot + below(cold);
 }
 
-/* Writes `count` blocks in batches of DQD; a block appears at most once per batch, since two
+/* Writes `count` blocks in batches of dqd; a block appears at most once per batch, since two
  * writes of one block in flight together may land in either order. */
 static void write_blocks(uint64_t count) {
   while (count > 0) {
-    uint64_t blocks[DQD];
+    uint64_t blocks[DQD_MAX];
     unsigned n = 0;
     batch_base = avail;
-    for (; n < DQD && count > 0; count--) {
+    for (; n < cfg.dqd && count > 0; count--) {
       uint64_t b = pick_block();
       bool dup = false;
       for (unsigned j = 0; j < n; j++) dup |= blocks[j] == b;
       if (dup) continue;
       pace();
-      stamp((uint64_t*)dbuf[n], b, dshadow[b] + 1);
-      set_desc(n, OP_WRITE, b * (cfg.dblock / 512), (uint64_t)dbuf[n], (uint32_t)cfg.dblock);
+      stamp((uint64_t*)dbuf(n), b, dshadow[b] + 1);
+      set_desc(n, OP_WRITE, b * (cfg.dblock / 512), (uint64_t)dbuf(n), (uint32_t)cfg.dblock);
       blocks[n++] = b;
     }
     if (n == 0) continue;
@@ -236,13 +242,13 @@ static void check_block(const uint64_t* w, uint64_t b) {
 static void verify_blocks(uint64_t count) {
   uint64_t scanned = 0;
   while (count > 0 && scanned < nblocks) {
-    uint64_t blocks[DQD];
+    uint64_t blocks[DQD_MAX];
     unsigned n = 0;
     batch_base = avail;
-    for (; n < DQD && count > 0 && scanned < nblocks; scanned++) {
+    for (; n < cfg.dqd && count > 0 && scanned < nblocks; scanned++) {
       uint64_t b = ds.vcursor++ % nblocks;
       if (!dshadow[b]) continue;
-      set_desc(n, OP_READ, b * (cfg.dblock / 512), (uint64_t)dbuf[n], (uint32_t)cfg.dblock);
+      set_desc(n, OP_READ, b * (cfg.dblock / 512), (uint64_t)dbuf(n), (uint32_t)cfg.dblock);
       blocks[n++] = b;
       count--;
     }
@@ -251,7 +257,7 @@ static void verify_blocks(uint64_t count) {
     for (unsigned i = 0; i < n; i++) {
       ds.reads++;
       if (req(i)->status != ST_OK) corrupt_line(blocks[i], dshadow[blocks[i]], req(i)->status, "status");
-      else check_block((const uint64_t*)dbuf[i], blocks[i]);
+      else check_block((const uint64_t*)dbuf(i), blocks[i]);
     }
   }
 }
@@ -266,15 +272,15 @@ static void flush_disk(void) {
 /* dbad=1: requests the device must refuse without touching guest RAM or the disk. */
 static void bad_requests(void) {
   uint64_t canary = 0x5a5a5a5a5a5a5a5aull;
-  uint64_t* w = (uint64_t*)dbuf[0];
+  uint64_t* w = (uint64_t*)dbuf(0);
   for (uint64_t i = 0; i < 512 / 8; i++) w[i] = canary;
   batch_base = avail;
   set_desc(0, OP_READ, 0, 0xfe000000ull, 4096);          /* buffer in the MMIO hole */
-  set_desc(1, OP_READ, sectors, (uint64_t)dbuf[0], 512); /* first sector past the end */
-  set_desc(2, OP_WRITE, sectors - 1, (uint64_t)dbuf[0], 1024); /* runs past the end */
-  set_desc(3, OP_READ, 0, (uint64_t)dbuf[0] + 8, 512);   /* buffer not 512-aligned */
-  set_desc(4, OP_WRITE, 0, (uint64_t)dbuf[0], 100);      /* length not a sector multiple */
-  set_desc(5, 7, 0, (uint64_t)dbuf[0], 512);             /* unknown op */
+  set_desc(1, OP_READ, sectors, (uint64_t)dbuf(0), 512); /* first sector past the end */
+  set_desc(2, OP_WRITE, sectors - 1, (uint64_t)dbuf(0), 1024); /* runs past the end */
+  set_desc(3, OP_READ, 0, (uint64_t)dbuf(0) + 8, 512);   /* buffer not 512-aligned */
+  set_desc(4, OP_WRITE, 0, (uint64_t)dbuf(0), 100);      /* length not a sector multiple */
+  set_desc(5, 7, 0, (uint64_t)dbuf(0), 512);             /* unknown op */
   set_desc(6, OP_READ, 0, 1ull << 52, 512);              /* beyond any RAM */
   const unsigned n = 7;
   run_batch(n);

@@ -52,6 +52,7 @@ struct config {
   uint32_t dhot_pct;
   uint64_t drate_mibps; /* 0 = as fast as possible */
   uint64_t dblock;      /* bytes, power of two 4K..256K */
+  uint64_t dqd;         /* requests per batch = ring entries, 8..64, dqd * dblock <= 8 MiB */
   uint64_t dpass;       /* block writes per disk pass */
   uint64_t dverify;     /* blocks read back per disk pass */
   bool dbad;            /* issue invalid requests first and check they are refused */

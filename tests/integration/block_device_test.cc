@@ -136,6 +136,34 @@ TEST_F(BlockDeviceTest, GuestWorkloadVerifiesEveryPattern) {
   }
 }
 
+// dqd=32: 32 requests in flight per doorbell (a 32-entry ring), each completed in any order,
+// all verified; a queue depth the guest cannot honour is a boot error, not a smaller queue.
+TEST_F(BlockDeviceTest, DeeperGuestQueueVerifiesAndBadQueueDepthIsABootError) {
+  std::string img = make_image("disk-qd.raw", 4 << 20);  // 64 blocks
+  std::string console = dir_ + "/console-qd";
+  auto r = test::run_kvmig("vm run --no-control -v --kernel " KVMIG_GUEST " --memory 128M --console " + console +
+                           " --disk " + img + " --cmdline 'ws=4M passes=8 disk=1 dpattern=seq dqd=32 dpass=96 dverify=64'");
+  guest::Report rep;
+  rep.feed(test::read_file(console));
+  EXPECT_EQ(r.status, 0) << r.err << test::read_file(console);
+  ASSERT_FALSE(rep.disk_passes.empty()) << test::read_file(console);
+  EXPECT_EQ(rep.disk_passes.back().writes, 8u * 96) << "seq never repeats a block within a batch of 32";
+  EXPECT_EQ(rep.disk_passes.back().errors, 0u);
+  EXPECT_TRUE(rep.disk_corrupt.empty()) << test::read_file(console);
+  ASSERT_TRUE(rep.done.has_value());
+  EXPECT_TRUE(rep.done->pass);
+  for (const char* bad : {"dqd=12", "dqd=128", "dqd=64 dblock=256K"}) {
+    SCOPED_TRACE(bad);
+    std::string c = dir_ + "/console-badqd";
+    auto b = test::run_kvmig("vm run --no-control --kernel " KVMIG_GUEST " --memory 128M --console " + c + " --disk " +
+                             img + " --cmdline 'ws=1M passes=1 disk=1 " + bad + "'");
+    EXPECT_NE(b.status, 0);
+    std::string text = test::read_file(c);
+    EXPECT_NE(text.find("kvmig-guest: error"), std::string::npos) << text;
+    EXPECT_NE(text.find("dqd="), std::string::npos) << text;
+  }
+}
+
 // The test flips bytes in the middle of a block the guest has written, while the VM is
 // paused: the guest's next read-back must report exactly that block. Also checks that the
 // device logged the guest's writes per block (BlockWriteLog) and that pause drained it.

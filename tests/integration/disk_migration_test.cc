@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
 
@@ -54,11 +55,11 @@ class DiskMigration : public ::testing::TestWithParam<std::string> {
     }
     ::close(fd);
   }
-  Child source(const std::string& cmdline) {
+  Child source(const std::string& cmdline, const std::vector<std::string>& env = {}) {
     Child c = spawn({KVMIG_BINARY, "vm", "run", "--kernel", guest64_path(), "--memory", "256M", "--disk",
                      path("src.raw"), "--cmdline", cmdline, "--console", path("src.console"), "--control",
                      path("src.ctl")},
-                    path("src.out"), path("src.err"));
+                    path("src.out"), path("src.err"), env);
     EXPECT_TRUE(wait_until([&] { return guest_report(path("src.console")).disk_passes.size() >= 2 || c.poll(); },
                            60s))
         << read_text(path("src.err"));
@@ -140,6 +141,47 @@ TEST_F(DiskMigrationFault, DestinationKilledMidDiskPrecopySourceRunsOnWithItsDis
   guest::Report g = guest_report(path("src.console"));
   EXPECT_TRUE(g.disk_corrupt.empty());
   EXPECT_TRUE(g.corrupt.empty());
+}
+
+// A host I/O that hangs (KVMIG_DISK_HOLD, kvm/block_device.h: the completions of the guest's
+// requests are held while a file exists, as a dead NFS server or a failing disk would) must
+// not freeze the VM through the migration's pause: the pause gives up after the drain limit
+// (5 s), the migration fails with one line naming the disk, the source runs on, and once the
+// I/O completes the guest finds every block as it wrote it.
+TEST_F(DiskMigrationFault, HungHostIoFailsThePauseAndTheSourceRunsOn) {
+  REQUIRE_GUEST();
+  make_image();
+  const std::string hold = path("hold");
+  Child src = source("ws=16M pattern=seq passes=0 report_ms=50 disk=1 drate=40", {"KVMIG_DISK_HOLD=" + hold});
+  Child dst = receiver();
+  { std::ofstream(hold.c_str()) << "held\n"; }
+  ASSERT_TRUE(wait_until([&] { return read_text(path("src.err")).find("holding completions") != std::string::npos; },
+                         10s))
+      << read_text(path("src.err"));
+  auto begin = std::chrono::steady_clock::now();
+  Child mig = migrate();
+  EXPECT_EQ(mig.wait(60s), 1) << read_text(path("mig.err"));
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+  std::string err = read_text(path("mig.err"));
+  EXPECT_NE(err.find("still in flight on the host after 5000 ms"), std::string::npos) << err;
+  EXPECT_GE(secs, 5.0) << "the pause waited its limit for the I/O";
+  EXPECT_LT(secs, 30.0) << "but not much more";
+  EXPECT_EQ(report().value("result", ""), "failed");
+  auto stats = host::control_request(path("src.ctl"), {{"cmd", "stats"}});
+  ASSERT_TRUE(stats.ok()) << stats.error().message;
+  EXPECT_FALSE(stats->value("paused", true)) << "the source VM is left running";
+  EXPECT_FALSE(src.poll()) << read_text(path("src.err"));
+  EXPECT_EQ(dst.wait(20s), 1) << "the destination discards";
+  EXPECT_NE(::access(path("dst.raw").c_str(), F_OK), 0) << "and removes its copy";
+  // The I/O comes back: the guest's held batch completes and it goes on writing and verifying.
+  size_t n = guest_report(path("src.console")).disk_passes.size();
+  ASSERT_EQ(::unlink(hold.c_str()), 0);
+  EXPECT_TRUE(wait_until([&] { return guest_report(path("src.console")).disk_passes.size() > n + 2; }, 30s))
+      << "the source guest stopped doing disk passes: " << read_text(path("src.err"));
+  guest::Report g = guest_report(path("src.console"));
+  EXPECT_TRUE(g.disk_corrupt.empty()) << read_text(path("src.console")).substr(0, 2000);
+  EXPECT_TRUE(g.corrupt.empty());
+  EXPECT_TRUE(g.errors.empty());
 }
 
 // --- hostile sources against the real `kvmig receive --disk` ---

@@ -211,6 +211,30 @@ class LibvirtFault : public ::testing::Test {
   kvmig::test::CliRun recover(const std::string& id, const Sites& s) {
     return kvmig::test::run_kvmig("recover " + site_args(id, s));
   }
+  // `kvmig recover --json`: uuid -> the problem it reports ("" when none), and the exit status.
+  std::map<std::string, std::string> recover_problems(const std::string& id, const Sites& s, int* exit_status) {
+    auto r = kvmig::test::run_kvmig("recover --json " + site_args(id, s));
+    *exit_status = r.status;
+    last_status_ = r.out + r.err;
+    std::map<std::string, std::string> out;
+    auto j = nlohmann::json::parse(r.out, nullptr, false);
+    if (j.is_discarded() || !j.contains("vms")) return ADD_FAILURE() << "recover: " << last_status_, out;
+    for (const auto& vm : j["vms"]) out[vm["vm_uuid"]] = vm["problem"];
+    return out;
+  }
+
+  // Whether domain `d` is defined at host `h`, and whether it runs there (any active state).
+  bool defined_at(int h, const Dom& d) {
+    auto dom = conn(h).by_uuid(d.uuid);
+    return dom.ok() && *dom;
+  }
+  bool active_at(int h, const Dom& d) {
+    LibvirtConn c = conn(h);
+    auto dom = c.by_uuid(d.uuid);
+    if (!dom.ok() || !*dom) return false;
+    auto a = dom->active();
+    return a.ok() && *a;
+  }
 
   // Each domain runs at `h` and is not even defined at the other host; its guest goes on.
   void expect_once_at(int h) {

@@ -11,6 +11,7 @@
 #include "helper/migration_destination.h"
 #include "helper/transport_pages.h"
 #include "helper/wire_pages.h"
+#include "tests/integration/fake_destination.h"
 #include "tests/integration/migration_harness.h"
 
 namespace kvmig::testing {
@@ -123,77 +124,10 @@ TEST_F(MigrationFault, GivingUpAbortsAndTheSourceRunsOn) {
   expect_source_runs_on();
 }
 
-// A destination written with the wire codecs, to fail on purpose at a chosen point.
-class FakeDestination {
- public:
-  enum class Fail { garbage_ack, wrong_version_ack, close_at_state, close_after_commit };
-
-  FakeDestination(const std::string& listen, Fail fail) : fail_(fail) {
-    auto ep = parse_endpoint(listen);
-    auto l = Listener::listen(*ep, {});
-    EXPECT_TRUE(l.ok());
-    listener_.emplace(std::move(*l));
-    mem_ = static_cast<uint8_t*>(::mmap(nullptr, kMem, PROT_READ | PROT_WRITE,
-                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-    thread_ = std::thread([this] { run(); });
-  }
-  ~FakeDestination() {
-    thread_.join();
-    ::munmap(mem_, kMem);
-  }
-
- private:
-  void run() {
-    auto conn = listener_->accept();
-    if (!conn.ok()) return;
-    Stream& ctl = *conn->control;
-    auto hello = read_message(ctl, 0, {});
-    if (!hello.ok()) return;
-    if (fail_ == Fail::garbage_ack) {
-      std::string junk(64, 'x');
-      (void)ctl.write(junk.data(), junk.size());
-      return;
-    }
-    HelloAck ack;
-    if (fail_ == Fail::wrong_version_ack) {
-      ack.version = kWireVersion + 5;
-      (void)send_message(ctl, kWireVersion + 5, MsgType::hello_ack, encode(ack));
-      return;
-    }
-    (void)send_message(ctl, kWireVersion, MsgType::hello_ack, encode(ack));
-    MemoryLayout layout;
-    layout.ranges.push_back({0, kMem});
-    std::atomic<bool> stop{false};
-    std::thread pages([&] {
-      RoundReceiver rr(*conn, kWireVersion, layout,
-                       [this](uint64_t gpa, uint64_t len) { return gpa + len <= kMem ? mem_ + gpa : nullptr; });
-      for (uint32_t r = 1; !stop && rr.receive(r).ok(); ++r) {
-      }
-    });
-    for (;;) {
-      auto m = read_message(ctl, kWireVersion, {});
-      if (!m.ok()) break;
-      if (m->type() == MsgType::state && fail_ == Fail::close_at_state) break;
-      if (m->type() == MsgType::state && ++sections_ == 4) (void)send_message(ctl, kWireVersion, MsgType::ready);
-      if (m->type() == MsgType::commit) break;  // close_after_commit: vanish without DONE
-    }
-    stop = true;
-    ctl.shutdown();
-    for (auto& d : conn->data) d->shutdown();
-    pages.join();
-  }
-
-  Fail fail_;
-  std::optional<Listener> listener_;
-  uint8_t* mem_ = nullptr;
-  int sections_ = 0;
-  std::thread thread_;
-};
-
 TEST_F(MigrationFault, DestinationDiesAtSwitchoverSourceResumes) {
   REQUIRE_GUEST();
   Child src = source();
-  FakeDestination fake(sock(), FakeDestination::Fail::close_at_state);
+  FakeDestination fake(sock(), FakeDestination::Fail::close_at_state, kMem);
   Child mig = migrate({"--max-downtime", "1000"});
   EXPECT_EQ(mig.wait(30s), 1) << read_text(path("mig.err"));
   EXPECT_EQ(report().value("result", ""), "failed");
@@ -203,7 +137,7 @@ TEST_F(MigrationFault, DestinationDiesAtSwitchoverSourceResumes) {
 TEST_F(MigrationFault, NoDoneAfterCommitLeavesTheSourcePausedInDoubt) {
   REQUIRE_GUEST();
   Child src = source();
-  FakeDestination fake(sock(), FakeDestination::Fail::close_after_commit);
+  FakeDestination fake(sock(), FakeDestination::Fail::close_after_commit, kMem);
   Child mig = migrate({"--max-downtime", "1000"});
   EXPECT_EQ(mig.wait(30s), 3) << read_text(path("mig.err"));
   EXPECT_EQ(report().value("result", ""), "in-doubt");
@@ -222,7 +156,7 @@ TEST_F(MigrationFault, NoDoneAfterCommitLeavesTheSourcePausedInDoubt) {
 TEST_F(MigrationFault, GarbageAnswerToHelloIsAClearErrorSourceUnharmed) {
   REQUIRE_GUEST();
   Child src = source();
-  FakeDestination fake(sock(), FakeDestination::Fail::garbage_ack);
+  FakeDestination fake(sock(), FakeDestination::Fail::garbage_ack, kMem);
   Child mig = migrate();
   EXPECT_EQ(mig.wait(30s), 1);
   EXPECT_NE(report().value("error", "").find("[bad_magic]"), std::string::npos) << report().dump();
@@ -232,11 +166,50 @@ TEST_F(MigrationFault, GarbageAnswerToHelloIsAClearErrorSourceUnharmed) {
 TEST_F(MigrationFault, WrongVersionFromDestinationIsAClearError) {
   REQUIRE_GUEST();
   Child src = source();
-  FakeDestination fake(sock(), FakeDestination::Fail::wrong_version_ack);
+  FakeDestination fake(sock(), FakeDestination::Fail::wrong_version_ack, kMem);
   Child mig = migrate();
   EXPECT_EQ(mig.wait(30s), 1);
   EXPECT_NE(report().value("error", "").find("[bad_version]"), std::string::npos) << report().dump();
   expect_source_runs_on();
+}
+
+// A destination that acknowledges a round it was not sent, more pages than it was sent, or
+// with bytes after the message: a clear error, and the source runs on (docs/protocol.md,
+// "Round acknowledgement").
+TEST_F(MigrationFault, HostileRoundAcksAreClearErrorsSourceRunsOn) {
+  REQUIRE_GUEST();
+  Child src = source();
+  const std::pair<FakeDestination::Fail, std::string> cases[] = {
+      {FakeDestination::Fail::ack_wrong_round, "[unexpected] ROUND_ACK of round 2 where round 1 was due"},
+      {FakeDestination::Fail::ack_extra_pages, "[malformed] ROUND_ACK of round 1: destination applied"},
+      {FakeDestination::Fail::ack_garbage, "[malformed] ROUND_ACK"},
+  };
+  for (const auto& [fail, want] : cases) {
+    SCOPED_TRACE(want);
+    ::unlink(path("mig.sock").c_str());  // the last case's listener left its socket file
+    FakeDestination fake(sock(), fail, kMem);
+    Child mig = migrate({"--max-downtime", "1000"});
+    EXPECT_EQ(mig.wait(30s), 1) << read_text(path("mig.err"));
+    EXPECT_EQ(report().value("result", ""), "failed");
+    EXPECT_NE(report().value("error", "").find(want), std::string::npos) << report().dump();
+    EXPECT_EQ(report().value("iterations", 0), 1) << "the first round's ack ends it";
+    expect_source_runs_on();
+  }
+}
+
+// A version-2 destination (no ROUND_ACK): the source agrees on version 2, times its rounds
+// to the drained send queues as before, does not compress under `auto`, and completes.
+TEST_F(MigrationFault, DestinationWithoutRoundAcksStillCompletes) {
+  REQUIRE_GUEST();
+  Child src = source();
+  FakeDestination fake(sock(), FakeDestination::Fail::version2, kMem);
+  Child mig = migrate({"--max-downtime", "1000", "--compress", "auto"});
+  EXPECT_EQ(mig.wait(30s), 0) << read_text(path("mig.err"));
+  EXPECT_EQ(report().value("result", ""), "completed") << report().dump();
+  EXPECT_GE(report().value("iterations", 0), 2) << "pre-copy and the final round";
+  // --compress auto sends raw pages to a peer whose rounds cannot be timed to an ack.
+  EXPECT_FALSE(report().value("compress", true)) << report().dump();
+  EXPECT_EQ(report().value("compressed_batches", -1), 0) << report().dump();
 }
 
 // The destination's record keeping (helper/session_events.h), with an in-process destination.
@@ -418,6 +391,21 @@ TEST_F(ReceiverFault, PagesOutsideGuestMemoryAreRefusedBeforeAnyWrite) {
   EXPECT_NE(o.err.find("[gpa_out_of_range]"), std::string::npos) << o.err;
   ASSERT_TRUE(o.sent);
   EXPECT_EQ(o.sent->code, WireCode::gpa_out_of_range);
+}
+
+// ROUND_ACK only ever flows from destination to source.
+TEST_F(ReceiverFault, RoundAckFromTheSourceIsUnexpected) {
+  REQUIRE_GUEST();
+  Outcome o = against_receiver([](Connection& c) {
+    ASSERT_TRUE(send_message(*c.control, kWireVersion, MsgType::hello, encode(good_hello())).ok());
+    auto ack = read_message(*c.control, 0, {});
+    ASSERT_TRUE(ack.ok() && ack->type() == MsgType::hello_ack);
+    ASSERT_TRUE(send_message(*c.control, kWireVersion, MsgType::round_ack, encode(RoundAck{1, 0, 0})).ok());
+  });
+  EXPECT_EQ(o.status, 1);
+  EXPECT_NE(o.err.find("[unexpected] ROUND_ACK"), std::string::npos) << o.err;
+  ASSERT_TRUE(o.sent);
+  EXPECT_EQ(o.sent->code, WireCode::unexpected);
 }
 
 TEST_F(ReceiverFault, LayoutThisVmmDoesNotBuildIsAConfigMismatch) {

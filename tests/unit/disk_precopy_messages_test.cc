@@ -43,7 +43,7 @@ TEST(DiskPrecopyMessages, DisksRoundTripAndChecks) {
     mutate(m);
     return decode_disks(encode(m));
   };
-  EXPECT_EQ(wire_code_of(bad([](DisksMsg& m) { m.format = 2; }).error()), WireCode::config_mismatch);
+  EXPECT_EQ(wire_code_of(bad([](DisksMsg& m) { m.format = 3; }).error()), WireCode::config_mismatch);
   EXPECT_FALSE(bad([](DisksMsg& m) { m.disks.clear(); }).ok());
   EXPECT_FALSE(bad([](DisksMsg& m) { m.disks.resize(kMaxMigrationDisks + 1, m.disks[0]); }).ok());
   EXPECT_FALSE(bad([](DisksMsg& m) { m.disks[0].size = 1000; }).ok()) << "not a multiple of 512";
@@ -110,6 +110,98 @@ TEST(DiskPrecopyMessages, NewTypesAreNamedAndDisksIsAFeature) {
   EXPECT_STREQ(msg_type_name(MsgType::disks_ready), "DISKS_READY");
   EXPECT_STREQ(msg_type_name(MsgType::disk_blocks), "DISK_BLOCKS");
   EXPECT_NE(kKnownFeatures & kFeatureDisks, 0u);
+}
+
+DisksMsg chained() {
+  DisksMsg m = declared();
+  m.disks[0].lower.push_back({kDisk, 6 * kBlock, LayerId{1, 2}, "base.raw"});
+  m.disks[0].lower.push_back({kDisk, kBlock, LayerId{3, 4}, "disk.delta1.raw"});
+  return m;
+}
+
+TEST(DiskPrecopyChains, AChainGoesOutAsFormat2AndRoundTrips) {
+  std::vector<uint8_t> raw = encode(declared());
+  EXPECT_EQ(raw[0], 1) << "no chain: format 1, which older destinations read";
+  std::vector<uint8_t> wire = encode(chained());
+  EXPECT_EQ(wire[0], 2);
+  auto d = decode_disks(wire);
+  ASSERT_TRUE(d.ok()) << d.error().message;
+  EXPECT_EQ(d->format, kDiskPrecopyChainFormat);
+  ASSERT_EQ(d->disks[0].lower.size(), 2u);
+  EXPECT_EQ(d->disks[0].lower[0].name, "base.raw");
+  EXPECT_EQ(d->disks[0].lower[0].data_bytes, 6u * kBlock);
+  EXPECT_EQ(d->disks[0].lower[1].id, (LayerId{3, 4}));
+  EXPECT_TRUE(d->disks[1].lower.empty());
+  EXPECT_EQ(d->layer_count(), 2u);
+}
+
+TEST(DiskPrecopyChains, HostileChainFieldsAreRefusedWithOneLine) {
+  struct Case {
+    const char* what;
+    void (*mutate)(DisksMsg&);
+  };
+  const Case cases[] = {
+      {"path escape", [](DisksMsg& m) { m.disks[0].lower[0].name = "../etc/passwd"; }},
+      {"slash", [](DisksMsg& m) { m.disks[0].lower[0].name = "a/b"; }},
+      {"dot-dot", [](DisksMsg& m) { m.disks[0].lower[0].name = ".."; }},
+      {"empty", [](DisksMsg& m) { m.disks[0].lower[0].name = ""; }},
+      {"control char", [](DisksMsg& m) { m.disks[0].lower[0].name = "a\nb"; }},
+      {"sidecar", [](DisksMsg& m) { m.disks[0].lower[0].name = "disk.raw.kvmig-delta"; }},
+      {"id sidecar", [](DisksMsg& m) { m.disks[0].lower[0].name = "base.raw.kvmig-id"; }},
+      {"too long", [](DisksMsg& m) { m.disks[0].lower[0].name = std::string(256, 'a'); }},
+      {"twice", [](DisksMsg& m) { m.disks[0].lower[1].name = "base.raw"; }},
+      {"size differs", [](DisksMsg& m) { m.disks[0].lower[0].size = kDisk + 512; }},
+      {"data > size", [](DisksMsg& m) { m.disks[0].lower[1].data_bytes = kDisk + 1; }},
+      {"no id", [](DisksMsg& m) { m.disks[0].lower[0].id = LayerId{}; }},
+      {"one name, two contents", [](DisksMsg& m) {
+         m.disks[1].size = kDisk;
+         m.disks[1].lower.push_back({kDisk, 0, LayerId{9, 9}, "base.raw"});
+       }},
+      {"too many layers", [](DisksMsg& m) {
+         for (uint32_t i = 0; i < kMaxMigrationLayers; ++i)
+           m.disks[0].lower.push_back({kDisk, 0, LayerId{7, i + 1}, "l" + std::to_string(i)});
+       }},
+  };
+  for (const Case& c : cases) {
+    DisksMsg m = chained();
+    c.mutate(m);
+    auto d = decode_disks(encode(m));
+    ASSERT_FALSE(d.ok()) << c.what << " accepted";
+    EXPECT_EQ(d.error().message.find('\n'), std::string::npos) << c.what;
+    EXPECT_NE(d.error().message.find("DISKS"), std::string::npos) << c.what << ": " << d.error().message;
+  }
+  // Two disks sharing one base (same name, same content) is fine.
+  DisksMsg shared = chained();
+  shared.disks[1].size = kDisk;
+  shared.disks[1].lower.push_back(shared.disks[0].lower[0]);
+  EXPECT_TRUE(decode_disks(encode(shared)).ok());
+  // Format 1 with a layer count set is a format-1 peer's reserved field: malformed.
+  std::vector<uint8_t> wire = encode(chained());
+  wire[0] = 1;
+  EXPECT_FALSE(decode_disks(wire).ok());
+  // Format 2 without any chain.
+  wire = encode(declared());
+  wire[0] = 2;
+  EXPECT_FALSE(decode_disks(wire).ok());
+  // Oversized.
+  std::vector<uint8_t> huge(kMaxDisksPayload + 1);
+  EXPECT_EQ(wire_code_of(decode_disks(huge).error()), WireCode::oversize);
+}
+
+TEST(DiskPrecopyChains, DisksReadyAnswersEveryLayerOnce) {
+  DisksMsg m = chained();
+  DisksReady ready{{LayerAnswer::held, LayerAnswer::copy}};
+  auto r = decode_disks_ready(encode(ready), m);
+  ASSERT_TRUE(r.ok()) << r.error().message;
+  EXPECT_EQ(r->layers, ready.layers);
+  EXPECT_FALSE(decode_disks_ready(encode(DisksReady{{LayerAnswer::held}}), m).ok()) << "one answer short";
+  std::vector<uint8_t> unknown = encode(ready);
+  unknown[4] = 2;
+  EXPECT_FALSE(decode_disks_ready(unknown, m).ok());
+  EXPECT_FALSE(decode_disks_ready({}, m).ok()) << "a format-1 destination's empty answer to a chain";
+  // No chains: the empty payload of format 1, and nothing else.
+  EXPECT_TRUE(decode_disks_ready({}, declared()).ok());
+  EXPECT_FALSE(decode_disks_ready(encode(ready), declared()).ok());
 }
 
 }  // namespace

@@ -101,7 +101,44 @@ TEST(Messages, Version1HelloWithoutANameIsStillAccepted) {
   ASSERT_TRUE(back.ok()) << back.error().message;
   EXPECT_EQ(back->vm_name, "");
   EXPECT_EQ(back->version, 1u);
-  EXPECT_EQ(*agree_version(1), 1) << "the previous version is agreed on";
+  EXPECT_EQ(*agree_version(kWireVersion - 1), kWireVersion - 1) << "the previous version is agreed on";
+}
+
+// Version 3: the destination acknowledges each round once every page of it is applied.
+TEST(Messages, RoundAckRoundTripsAndIsChecked) {
+  RoundAck a{4, 1000, 4096 * 1000 + 32};
+  auto back = decode_round_ack(encode(a));
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  EXPECT_EQ(back->round, 4u);
+  EXPECT_EQ(back->pages, 1000u);
+  EXPECT_EQ(back->bytes, 4096u * 1000 + 32);
+  EXPECT_EQ(wire_code_of(decode_round_ack(encode(RoundAck{0, 1, 64})).error()), WireCode::malformed)
+      << "round 0 never exists";
+  EXPECT_EQ(wire_code_of(decode_round_ack(encode(RoundAck{1, 5, 0})).error()), WireCode::malformed)
+      << "pages from no bytes";
+  EXPECT_TRUE(decode_round_ack(encode(RoundAck{1, 0, 0})).ok()) << "an empty round is acknowledged too";
+  auto bytes = encode(a);
+  bytes.push_back(0);
+  EXPECT_EQ(wire_code_of(decode_round_ack(bytes).error()), WireCode::malformed) << "trailing byte";
+  bytes.resize(bytes.size() - 2);
+  EXPECT_EQ(wire_code_of(decode_round_ack(bytes).error()), WireCode::malformed) << "short";
+  EXPECT_GE(kWireVersion, kRoundAckVersion);
+}
+
+TEST(Messages, RoundAckMustEchoTheRoundSent) {
+  EXPECT_TRUE(check_round_ack(RoundAck{3, 10, 40992}, 3, 10, 40992).ok());
+  auto wrong_round = check_round_ack(RoundAck{4, 10, 40992}, 3, 10, 40992);
+  ASSERT_FALSE(wrong_round.ok());
+  EXPECT_EQ(wire_code_of(wrong_round.error()), WireCode::unexpected);
+  EXPECT_NE(wrong_round.error().message.find("ROUND_ACK of round 4 where round 3 was due"), std::string::npos)
+      << wrong_round.error().message;
+  auto more = check_round_ack(RoundAck{3, 11, 40992}, 3, 10, 40992);
+  ASSERT_FALSE(more.ok());
+  EXPECT_EQ(wire_code_of(more.error()), WireCode::malformed);
+  EXPECT_NE(more.error().message.find("applied 11 pages, 10 were sent"), std::string::npos) << more.error().message;
+  EXPECT_EQ(wire_code_of(check_round_ack(RoundAck{3, 9, 40992}, 3, 10, 40992).error()), WireCode::malformed)
+      << "fewer pages than sent: some were lost";
+  EXPECT_EQ(wire_code_of(check_round_ack(RoundAck{3, 10, 40993}, 3, 10, 40992).error()), WireCode::malformed);
 }
 
 TEST(Messages, HelloVmNameIsChecked) {
