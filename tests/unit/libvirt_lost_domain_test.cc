@@ -4,6 +4,8 @@
 // libvirtds in tests/integration/libvirt_fault_test.cc.
 #include <gtest/gtest.h>
 
+#include "tests/unit/status_facts.h"
+
 #include <algorithm>
 
 #include "host/libvirt_recovery.h"
@@ -27,13 +29,7 @@ DestinationFacts arrived(bool tagged) {
   return d;
 }
 
-SourceFacts source(SourceState state, bool released = false) {
-  SourceFacts s;
-  s.state = state;
-  s.released = released;
-  s.detail = "test";
-  return s;
-}
+using test_facts::source;
 
 DomainFacts dest(bool active, bool paused = false) {
   DomainFacts f;

@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/unit/status_facts.h"
+
 namespace kvmig::host {
 namespace {
 
@@ -28,12 +30,7 @@ DestinationFacts started_with(std::optional<Placeholder> p, bool completed_recor
   return d;
 }
 
-SourceFacts source(SourceState state, bool released = false) {
-  SourceFacts s;
-  s.state = state;
-  s.released = released;
-  return s;
-}
+using test_facts::source;
 
 DomainStatus decide(const DestinationFacts& d, const SourceFacts& s, const DomainFacts& f) {
   return decide_domain(check_vm(kMig, kVm, d, s), f);

@@ -4,6 +4,8 @@
 // source (docs/control-plane.md, the decision path).
 #include <gtest/gtest.h>
 
+#include "tests/unit/status_facts.h"
+
 #include "host/recovery.h"
 #include "host/status_checker.h"
 
@@ -27,14 +29,7 @@ DestinationFacts tagged(CopyLiveness copy, const std::string& control = "") {
   return d;
 }
 
-SourceFacts source(SourceState state, bool released = false, bool got_done = false) {
-  SourceFacts s;
-  s.state = state;
-  s.released = released;
-  s.got_done = got_done;
-  s.detail = "test";
-  return s;
-}
+using test_facts::source;
 
 VmStatus check(const DestinationFacts& d, const SourceFacts& s) { return check_vm(kMig, kVm, d, s); }
 

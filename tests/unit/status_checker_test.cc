@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/unit/status_facts.h"
+
 #include "host/recovery.h"
 
 namespace kvmig::host {
@@ -33,7 +35,7 @@ DestinationFacts fully_migrated() {
   return d;
 }
 
-SourceFacts source(SourceState state, bool released = false) { return SourceFacts{state, released, "test"}; }
+using test_facts::source;
 
 VmStatus check(const DestinationFacts& d, const SourceFacts& s = source(SourceState::paused)) {
   return check_vm(kMig, kVm, d, s);
