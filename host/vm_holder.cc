@@ -6,6 +6,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -42,7 +43,20 @@ void parse_content(int fd, HolderProbe& p) {
   if (got == 2) p.migration_id = migration;
 }
 
+// The UUID names a file: only the canonical 36-character form, so no record or argument can
+// reach outside SITE/holders (callers validate UUIDs already; this is the last line).
+bool plain_uuid(const std::string& uuid) {
+  if (uuid.size() != 36) return false;
+  for (size_t i = 0; i < uuid.size(); ++i) {
+    const char c = uuid[i];
+    const bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+    if (dash ? c != '-' : !std::isxdigit(static_cast<unsigned char>(c))) return false;
+  }
+  return true;
+}
+
 Result<Fd> open_holder(const std::string& site_dir, const std::string& uuid) {
+  if (!plain_uuid(uuid)) return Error{"holder: '" + uuid + "' is not a UUID", EINVAL};
   if (::mkdir(holder_dir(site_dir).c_str(), 0755) != 0 && errno != EEXIST)
     return Error::from_errno("mkdir " + holder_dir(site_dir));
   std::string path = holder_path(site_dir, uuid);
@@ -76,6 +90,10 @@ Result<VmHolder> VmHolder::take(const std::string& site_dir, const std::string& 
 
 HolderProbe probe_holder(const std::string& site_dir, const std::string& uuid) {
   HolderProbe p;
+  if (!plain_uuid(uuid)) {
+    p.detail = "'" + uuid + "' is not a UUID";
+    return p;
+  }
   std::string path = holder_path(site_dir, uuid);
   // O_RDWR: F_OFD_GETLK for a write lock wants a descriptor that could take it. Never created
   // here: a probe must not invent a holder file.

@@ -83,6 +83,19 @@ TEST_F(VmHolderTest, KillNineOfTheHolderReadsGoneAndAStoppedOneAlive) {
   EXPECT_EQ(probe_holder(dir_, kVm).state, HolderProbe::gone);
 }
 
+// A UUID names a file under SITE/holders: anything else is refused before a file is touched.
+TEST_F(VmHolderTest, ANameThatIsNotAUuidReachesNoFile) {
+  for (const std::string bad : {"../escape", "6f1e8a52-3333-4c2b-9d3e-0123456789a/", "", "x"}) {
+    auto h = VmHolder::take(dir_, bad, "m");
+    ASSERT_FALSE(h.ok()) << bad;
+    EXPECT_NE(h.error().message.find("not a UUID"), std::string::npos) << h.error().message;
+    EXPECT_FALSE(lock_if_gone(dir_, bad).ok()) << bad;
+    EXPECT_EQ(probe_holder(dir_, bad).state, HolderProbe::unknown) << bad;
+  }
+  EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(dir_).parent_path() / "escape"));
+  EXPECT_TRUE(VmHolder::take(dir_, kVm, "m").ok());
+}
+
 TEST_F(VmHolderTest, ControlSocketDeadOnlyWhenNobodyCanListen) {
   EXPECT_TRUE(control_socket_dead(dir_ + "/no-such.sock"));
   EXPECT_FALSE(control_socket_dead("")) << "no socket registered proves nothing";
