@@ -11,6 +11,7 @@
 #include "helper/disk_precopy_sender.h"
 #include "helper/disk_layer_id.h"
 #include "helper/wire.h"
+#include "kvm/block_chain.h"
 
 namespace kvmig::helper {
 namespace fs = std::filesystem;
@@ -167,6 +168,19 @@ Result<void> write_descriptor(const std::string& delta, const std::string& paren
   return ok();
 }
 
+// Whether the existing delta at `path` already sits on exactly `below` (base first), by its own
+// descriptors: same files (device and inode), same order, nothing more.
+bool already_linked(const std::string& path, const std::vector<PlacedLayer>& below) {
+  auto chain = kvm::resolve_block_chain(path);  // base first, `path` last
+  if (!chain.ok() || chain->size() != below.size() + 1) return false;
+  for (size_t k = 0; k < below.size(); ++k) {
+    if (below[k].answer != LayerAnswer::held) return false;  // a fresh copy: not what it was made on
+    std::error_code ec;
+    if (!fs::equivalent((*chain)[k], below[k].path, ec) || ec) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 Result<std::vector<PlacedLayer>> place_chain(const std::string& top_path, const MigrationDisk& disk) {
@@ -202,7 +216,10 @@ Result<std::vector<PlacedLayer>> place_chain(const std::string& top_path, const 
         found = true;
         break;
       }
-      if (**h) {  // this host's own reading matches: held, nothing to send
+      // A delta's content ID says nothing of its parent: a file of the same name and ID (an
+      // empty delta, say) may belong to another chain here. Held only when its own chain is
+      // exactly the layers placed below it, so its descriptor is never rewritten.
+      if (**h && (!delta || already_linked(c, out))) {  // this host's own reading matches: held
         placed = {c, LayerAnswer::held, false};
         found = true;
         break;
@@ -222,8 +239,11 @@ Result<void> link_chain(const std::string& top_path, const std::vector<PlacedLay
   auto rel = [](const std::string& parent, const std::string& child) {
     return fs::path(parent).lexically_relative(fs::path(child).parent_path()).string();
   };
+  // Held layers already sit on the right parents (place_chain checked): only fresh copies and
+  // the top get descriptors, so no file another chain may share is touched.
   for (size_t i = 1; i < layers.size(); ++i)
-    KVMIG_TRY(write_descriptor(layers[i].path, rel(layers[i - 1].path, layers[i].path), size));
+    if (layers[i].created)
+      KVMIG_TRY(write_descriptor(layers[i].path, rel(layers[i - 1].path, layers[i].path), size));
   if (!layers.empty()) KVMIG_TRY(write_descriptor(top_path, rel(layers.back().path, top_path), size));
   return ok();
 }

@@ -129,7 +129,8 @@ Result<std::optional<DeltaDescriptor>> read_delta_descriptor(const std::string& 
   ssize_t n = ::read(fd.get(), buf, sizeof buf);
   if (n < 0) return Error::from_errno("descriptor " + path);
   auto j = nlohmann::json::parse(std::string(buf, static_cast<size_t>(n)), nullptr, false);
-  if (j.is_discarded() || !j.is_object() || j.value("kvmig_delta", 0) != 1 ||
+  if (j.is_discarded() || !j.is_object() || !j.contains("kvmig_delta") ||
+      !j["kvmig_delta"].is_number_integer() || j["kvmig_delta"].get<int64_t>() != 1 ||
       !j.contains("parent") || !j["parent"].is_string() || !j.contains("size") ||
       !j["size"].is_number_unsigned() || j["parent"].get<std::string>().empty())
     return Error{"descriptor " + path + ": not a kvmig delta descriptor (version 1, parent, size)"};

@@ -19,6 +19,7 @@ namespace {
 // Conservative O_DIRECT alignment: 4 KiB covers 512e and 4Kn devices alike.
 constexpr uint64_t kDirectAlign = 4096;
 constexpr uint64_t kStopTag = 0;  // user_data of the NOP that ends the completion thread
+constexpr uint64_t kVoidTag = 1;  // user_data of an SQE whose request was withdrawn (see queue_locked)
 }  // namespace
 
 // One host I/O: the whole guest request on a raw image, one piece of it on a chain.
@@ -250,15 +251,18 @@ Result<void> BlockBackend::start_write_locked(Parent* p) {
     if (!map_->holds(top, g, std::min(granule_, size_ - g))) p->fills.push_back(g);
   uint8_t* src = p->buf;
   if (begin != p->offset || end != p->offset + p->len) {
-    // Copy-up: the parts of the edge granules the guest does not write come from below. The
-    // lower layers never change, so reading them here cannot race with anything.
+    // Copy-up: the parts of the edge granules the guest does not write come from the chain as
+    // it reads now, the top included: a granule larger than the top's own blocks (st_blksize
+    // over 4 KiB) may be partly held by the top already, and those bytes are newer than the
+    // parent's. No other write can touch these granules meanwhile (they are filling, below), and
+    // the lower layers never change.
     copy_ups_.fetch_add(1, std::memory_order_relaxed);
     size_t bytes = (end - begin + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
     p->bounce = static_cast<uint8_t*>(std::aligned_alloc(kDirectAlign, bytes));
     if (!p->bounce) return Error{"disk " + path_ + ": no memory for a copy-up"};
     for (auto [from, to] : {std::pair{begin, p->offset}, std::pair{p->offset + p->len, end}}) {
       if (from >= to) continue;
-      for (const ChainMap::Piece& piece : map_->resolve(from, to - from, top - 1)) {
+      for (const ChainMap::Piece& piece : map_->resolve(from, to - from, top)) {
         uint8_t* dst = p->bounce + (piece.offset - begin);
         for (uint64_t got = 0; got < piece.length;) {
           ssize_t n = ::pread(layers_[piece.layer].buffered.get(), dst + got, piece.length - got,
@@ -310,7 +314,13 @@ Result<void> BlockBackend::queue_locked(Request* r) {
   int rc;
   do rc = io_uring_submit(ring_.get());
   while (rc == -EINTR);
-  if (rc < 0) return Error::from_errno("disk " + path_ + ": io_uring_submit", -rc);
+  if (rc < 0) {
+    // The SQE stays in the ring, and the next submit would start it on a request the caller
+    // frees on this error: withdraw it, as a no-op the completion loop ignores.
+    io_uring_prep_nop(sqe);
+    io_uring_sqe_set_data64(sqe, kVoidTag);
+    return Error::from_errno("disk " + path_ + ": io_uring_submit", -rc);
+  }
   return ok();
 }
 
@@ -325,6 +335,7 @@ void BlockBackend::completion_loop() {
     int res = cqe->res;
     io_uring_cqe_seen(ring_.get(), cqe);
     if (data == kStopTag) return;
+    if (data == kVoidTag) continue;
     auto* r = reinterpret_cast<Request*>(data);
     bool again = false;
     if (res == -EINVAL && r->use_direct) {

@@ -31,7 +31,8 @@ Result<std::string> descriptor_parent(const std::string& layer, uint64_t layer_s
   if (n < 0) return Error::from_errno("disk " + layer + ": descriptor " + path);
   text.resize(static_cast<size_t>(n));
   auto j = nlohmann::json::parse(text, nullptr, false);
-  if (j.is_discarded() || !j.is_object() || j.value("kvmig_delta", 0) != 1 || !j.contains("parent") ||
+  if (j.is_discarded() || !j.is_object() || !j.contains("kvmig_delta") ||
+      !j["kvmig_delta"].is_number_integer() || j["kvmig_delta"].get<int64_t>() != 1 || !j.contains("parent") ||
       !j["parent"].is_string() || j["parent"].get<std::string>().empty() || !j.contains("size") ||
       !j["size"].is_number_unsigned())
     return Error{"disk " + layer + ": descriptor " + path + " is not a kvmig delta descriptor (version 1, parent, size)"};

@@ -188,6 +188,10 @@ TEST_F(BlockChainBackend, BadChainsAreRefusedWithOneLine) {
   refused(dir_ + "/short.raw", "shorter than declared");
   std::ofstream(dir_ + "/top.raw.kvmig-delta") << "{not json";
   refused(dir_ + "/top.raw", "not a kvmig delta descriptor");
+  // Well-formed JSON with a field of the wrong type: refused, not an exception.
+  std::ofstream(dir_ + "/top.raw.kvmig-delta", std::ios::trunc)
+      << R"({"kvmig_delta":"1","parent":"mid.raw","size":)" << kSize << "}";
+  refused(dir_ + "/top.raw", "not a kvmig delta descriptor");
   // A parent of another size.
   write_file(dir_ + "/small.raw", std::vector<uint8_t>(kSize / 2));
   make_delta(dir_ + "/big.raw", "small.raw");
