@@ -17,16 +17,8 @@ const std::string kMig = "m-2";
 const std::string kVm = "6b1c4a8e-3f5d-4e2a-9c7b-1d2e3f4a5b62";
 
 DestinationFacts arrived(bool tagged) {
-  Placeholder p;
-  p.uuid = kVm;
-  p.name = "vm";
-  p.migration_id = kMig;
-  p.state = tagged ? VmEntryState::completed : VmEntryState::placeholder;
-  DestinationFacts d;
-  d.started = true;
-  d.completed_record = tagged;
-  d.placeholder = p;
-  return d;
+  return test_facts::started_with(
+      test_facts::placeholder(kVm, kMig, tagged ? VmEntryState::completed : VmEntryState::placeholder), tagged);
 }
 
 using test_facts::source;

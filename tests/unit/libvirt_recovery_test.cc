@@ -14,21 +14,10 @@ const std::string kMig = "m-1";
 const std::string kVm = "6b1c4a8e-3f5d-4e2a-9c7b-1d2e3f4a5b61";
 
 Placeholder placeholder(const std::string& migration, bool tagged) {
-  Placeholder p;
-  p.uuid = kVm;
-  p.name = "vm";
-  p.migration_id = migration;
-  p.state = tagged ? VmEntryState::completed : VmEntryState::placeholder;
-  return p;
+  return test_facts::placeholder(kVm, migration, tagged ? VmEntryState::completed : VmEntryState::placeholder);
 }
 
-DestinationFacts started_with(std::optional<Placeholder> p, bool completed_record = false) {
-  DestinationFacts d;
-  d.started = true;
-  d.placeholder = std::move(p);
-  d.completed_record = completed_record;
-  return d;
-}
+using test_facts::started_with;
 
 using test_facts::source;
 

@@ -7,6 +7,8 @@
 
 #include <filesystem>
 
+#include "test_util.h"
+
 #include "host/migration_recorder.h"
 #include "host/recovery.h"
 #include "host/site_db.h"
@@ -21,9 +23,8 @@ const std::string kVm = "6f1e8a52-4444-4c2b-9d3e-0123456789ab";
 class ResumeSource : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/kvmig-resume-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = test::make_temp_dir("kvmig-resume");
+    ASSERT_FALSE(dir_.empty());
     auto d = SiteDb::open(dir_ + "/dst", true);
     auto s = SiteDb::open(dir_ + "/src", true);
     ASSERT_TRUE(d.ok() && s.ok());

@@ -14,12 +14,7 @@ const std::string kMig = "group-7";
 const std::string kVm = "6f1e8a52-1111-4c2b-9d3e-0123456789ab";
 
 Placeholder placeholder(const std::string& migration, VmEntryState state) {
-  Placeholder p;
-  p.uuid = kVm;
-  p.name = "vm";
-  p.migration_id = migration;
-  p.state = state;
-  return p;
+  return test_facts::placeholder(kVm, migration, state);
 }
 
 DestinationFacts started_only() {

@@ -11,6 +11,8 @@
 
 #include <filesystem>
 
+#include "test_util.h"
+
 namespace kvmig::host {
 namespace {
 
@@ -19,9 +21,8 @@ const std::string kVm = "6f1e8a52-3333-4c2b-9d3e-0123456789ab";
 class VmHolderTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/kvmig-holder-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = test::make_temp_dir("kvmig-holder");
+    ASSERT_FALSE(dir_.empty());
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
   // A child process that takes the hold, says so on a pipe and then waits to be killed.
