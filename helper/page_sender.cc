@@ -76,6 +76,7 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracker
   std::vector<PageRun> batch;
   uint64_t batch_pages = 0;
   uint64_t skipped = 0;  // zero pages of a fresh destination: counted, not sent
+  std::vector<uint8_t> touched;  // per page of the current run: may hold data (fresh only)
   auto flush = [&]() -> Result<void> {
     if (batch.empty()) return ok();
     KVMIG_ASSIGN(BatchStats st, out.send(round, batch));
@@ -119,10 +120,14 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracker
         if (!fresh) return add(p, n);
         const uint8_t* host = source_(sb.gpa + p * kPageSize, n * kPageSize);
         if (!host) return add(p, n);  // let the batch sender report it
+        // Never-touched pages are zero without reading them (and faulting each in): asked
+        // after the chunk was rearmed above, so a write from now on is in the next harvest.
+        if (!residency_.touched(host, n, touched)) touched.assign(n, 1);
+        auto is_zero = [&](uint64_t k) { return !touched[k] || page_is_zero(host + k * kPageSize); };
         for (uint64_t i = 0; i < n;) {
           uint64_t j = i;
-          const bool zero = page_is_zero(host + i * kPageSize);
-          while (j < n && page_is_zero(host + j * kPageSize) == zero) ++j;
+          const bool zero = is_zero(i);
+          while (j < n && is_zero(j) == zero) ++j;
           if (zero) {
             mine.pages += j - i;
             mine.zero_pages += j - i;

@@ -25,6 +25,7 @@
 #include "helper/wire_pages.h"
 #include "kvm/dirty_tracker.h"
 #include "kvm/migratable.h"
+#include "kvm/page_residency.h"
 
 namespace kvmig::helper {
 
@@ -73,6 +74,9 @@ class PageSender {
   GpaResolver source_;
   std::vector<std::unique_ptr<PageCompressor>> compressors_;  // per stream
   std::atomic<uint64_t> skipped_{0};
+  // Round 1 (fresh destination) skips guest pages never touched without reading them.
+  // The source resolves into the VM's own RAM, which is private anonymous memory.
+  kvm::PageResidency residency_;
 };
 
 }  // namespace kvmig::helper
