@@ -121,18 +121,6 @@ namespace {
 
 Error config(const std::string& text) { return wire_error(WireCode::config_mismatch, text); }
 
-// Creates `path` empty at `size`; fails if it exists.
-Result<void> create_layer(const std::string& path, uint64_t size) {
-  Fd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
-  if (!fd) return Error::from_errno("layer " + path + ": create");
-  if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
-    int err = errno;
-    ::unlink(path.c_str());
-    return Error::from_errno("layer " + path + ": set size", err);
-  }
-  return ok();
-}
-
 // Whether the regular file at `path` has content ID `want` by this host's reading; nullopt
 // when there is no such file.
 Result<std::optional<bool>> holds(const std::string& path, bool delta, const LayerId& want, uint64_t size) {
@@ -174,7 +162,7 @@ bool already_linked(const std::string& path, const std::vector<PlacedLayer>& bel
   auto chain = kvm::resolve_block_chain(path);  // base first, `path` last
   if (!chain.ok() || chain->size() != below.size() + 1) return false;
   for (size_t k = 0; k < below.size(); ++k) {
-    if (below[k].answer != LayerAnswer::held) return false;  // a fresh copy: not what it was made on
+    if (below[k].answer != LayerAnswer::held || below[k].fresh) return false;  // a fresh copy: not what it was made on
     std::error_code ec;
     if (!fs::equivalent((*chain)[k], below[k].path, ec) || ec) return false;
   }
@@ -183,36 +171,46 @@ bool already_linked(const std::string& path, const std::vector<PlacedLayer>& bel
 
 }  // namespace
 
-Result<std::vector<PlacedLayer>> place_chain(const std::string& top_path, const MigrationDisk& disk) {
+Result<Fd> create_layer_file(const std::string& path, uint64_t size) {
+  Fd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644));
+  if (!fd) return Error::from_errno("layer " + path + ": create");
+  if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
+    int err = errno;
+    ::unlink(path.c_str());
+    return Error::from_errno("layer " + path + ": set size", err);
+  }
+  return fd;
+}
+
+Result<std::vector<PlacedLayer>> plan_chain(const std::string& top_path, const MigrationDisk& disk,
+                                            ChainPlacements& earlier) {
   std::vector<PlacedLayer> out;
+  std::vector<std::string> below;  // the paths placed so far, base first
   fs::path dir = fs::path(top_path).parent_path();
   std::string top_name = fs::path(top_path).filename().string();
-  auto undo = [&] {
-    for (const PlacedLayer& l : out)
-      if (l.created) ::unlink(l.path.c_str());
-  };
   for (size_t i = 0; i < disk.lower.size(); ++i) {
     const MigrationLayer& l = disk.lower[i];
     bool delta = i > 0;
-    if (l.name == top_name) {
-      undo();
+    if (l.name == top_name)
       return config("disk copy " + top_path + ": the source's layer " + l.name + " has the copy's own name");
-    }
     PlacedLayer placed;
     std::string candidates[2] = {(dir / l.name).string(), (dir / (l.name + "." + l.id.hex().substr(0, 16))).string()};
     bool found = false;
     for (const std::string& c : candidates) {
-      auto h = holds(c, delta, l.id, l.size);
-      if (!h.ok()) {
-        undo();
-        return config("disk copy " + top_path + ": " + h.error().message);
-      }
-      if (!*h) {  // no file by that name: the copy goes there
-        if (auto r = create_layer(c, l.size); !r.ok()) {
-          undo();
-          return config("disk copy " + top_path + ": " + r.error().message);
+      if (auto e = earlier.by_path.find(c); e != earlier.by_path.end()) {
+        // This migration already placed a layer at `c` for an earlier disk: the same layer on
+        // the same layers below is shared (one file, one copy); anything else keeps its path.
+        if (e->second.id == l.id && e->second.below == below) {
+          placed = {c, LayerAnswer::held, false, true, e->second.fresh};
+          found = true;
+          break;
         }
-        placed = {c, LayerAnswer::copy, true};
+        continue;
+      }
+      auto h = holds(c, delta, l.id, l.size);
+      if (!h.ok()) return config("disk copy " + top_path + ": " + h.error().message);
+      if (!*h) {  // no file by that name: the copy goes there
+        placed = {c, LayerAnswer::copy, true, false, true};
         found = true;
         break;
       }
@@ -220,19 +218,33 @@ Result<std::vector<PlacedLayer>> place_chain(const std::string& top_path, const 
       // empty delta, say) may belong to another chain here. Held only when its own chain is
       // exactly the layers placed below it, so its descriptor is never rewritten.
       if (**h && (!delta || already_linked(c, out))) {  // this host's own reading matches: held
-        placed = {c, LayerAnswer::held, false};
+        placed = {c, LayerAnswer::held, false, false, false};
         found = true;
         break;
       }
     }
-    if (!found) {
-      undo();
-      return config("disk copy " + top_path + ": layer " + l.name + " and " + candidates[1] +
-                    " both exist here with another content ID");
-    }
+    if (!found)
+      return config("disk copy " + top_path + ": layer " + l.name + ": " + candidates[0] + " and " + candidates[1] +
+                    " are both taken (files here with another content ID, or other layers of this migration)");
+    earlier.by_path.emplace(placed.path, ChainPlacements::Entry{l.id, below, placed.fresh});
+    below.push_back(placed.path);
     out.push_back(std::move(placed));
   }
   return out;
+}
+
+Result<std::vector<PlacedLayer>> place_chain(const std::string& top_path, const MigrationDisk& disk) {
+  ChainPlacements earlier;
+  KVMIG_ASSIGN(std::vector<PlacedLayer> placed, plan_chain(top_path, disk, earlier));
+  for (size_t i = 0; i < placed.size(); ++i) {
+    if (!placed[i].created) continue;
+    if (auto fd = create_layer_file(placed[i].path, disk.size); !fd.ok()) {
+      for (size_t k = 0; k < i; ++k)
+        if (placed[k].created) ::unlink(placed[k].path.c_str());
+      return config("disk copy " + top_path + ": " + fd.error().message);
+    }
+  }
+  return placed;
 }
 
 Result<void> link_chain(const std::string& top_path, const std::vector<PlacedLayer>& layers, uint64_t size) {
@@ -248,8 +260,8 @@ Result<void> link_chain(const std::string& top_path, const std::vector<PlacedLay
   return ok();
 }
 
-Result<void> verify_layer(const std::string& path, bool delta, const LayerId& want) {
-  KVMIG_ASSIGN(LayerIdInfo id, layer_content_id(path, delta));
+Result<void> verify_layer(const std::string& path, bool delta, const LayerId& want, const std::atomic<bool>* cancel) {
+  KVMIG_ASSIGN(LayerIdInfo id, layer_content_id(path, delta, cancel));
   if (!(id.id == want))
     return wire_error(WireCode::internal, "layer " + path + ": copied, but its content ID is " + id.id.hex() +
                                               ", the source declared " + want.hex() + " (not used)");

@@ -8,11 +8,13 @@
 // top's holes through the layers below (ChainHoleFiller): a block of the top sent live carries
 // what the chain reads there, so the destination's top never holds a zero where the source
 // reads its base. The destination's half: where each layer goes, held or to be copied
-// (place_chain), the descriptors that re-link the chain there (link_chain), and the check of a
+// (plan_chain), the descriptors that re-link the chain there (link_chain), and the check of a
 // copied layer (verify_layer).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -67,19 +69,42 @@ class ChainHoleFiller {
 struct PlacedLayer {
   std::string path;
   LayerAnswer answer = LayerAnswer::copy;
-  bool created = false;  // a fresh file to be filled (removed again on discard)
+  bool created = false;  // a fresh file for this copy (removed again on discard)
+  // The same layer (content ID, path, and for a delta the same layers below) as one placed for
+  // an earlier disk of this migration: copied (or held) once, there; answered `held` here.
+  bool shared = false;
+  bool fresh = false;  // made by this migration (for this disk or an earlier one): not yet filled
 };
-// Each layer of `disk` next to `top_path` under its name. Held when the file there has the
-// declared ID by this host's own reading (computed, or from a sidecar whose key matches). A
-// file of that name with another ID is never overwritten (another chain may use it): the copy
-// then goes to "<name>.<first 16 hex digits of the ID>", which may itself be held from an
-// earlier migration. A fresh file is created empty, at the layer's size.
+// The layers a migration has placed so far, by path, so that disks sharing a layer (a common
+// base) get one file and one copy of it, and no two different layers get one path.
+struct ChainPlacements {
+  struct Entry {
+    LayerId id;
+    std::vector<std::string> below;  // the paths placed under it, base first
+    bool fresh = false;
+  };
+  std::map<std::string, Entry> by_path;
+};
+// Where each layer of `disk` goes, next to `top_path` under its name, without creating
+// anything. Held when the file there has the declared ID by this host's own reading (computed,
+// or from a sidecar whose key matches). A file of that name with another ID is never
+// overwritten (another chain may use it): the copy then goes to "<name>.<first 16 hex digits
+// of the ID>", which may itself be held from an earlier migration. A missing file is planned
+// as `created` (create_layer_file makes it). `earlier`: what this migration's earlier disks
+// placed; the plan is added to it.
+Result<std::vector<PlacedLayer>> plan_chain(const std::string& top_path, const MigrationDisk& disk,
+                                            ChainPlacements& earlier);
+// Creates the layer file `path` empty at `size` and opens it read-write; fails if it exists.
+Result<Fd> create_layer_file(const std::string& path, uint64_t size);
+// plan_chain for one disk, then its files created (what the offline tests use).
 Result<std::vector<PlacedLayer>> place_chain(const std::string& top_path, const MigrationDisk& disk);
 // Re-links the chain: each delta (every layer above the base, and the top) gets a descriptor
 // naming the layer below it, relative to its directory. A descriptor that already says so is
 // left alone.
 Result<void> link_chain(const std::string& top_path, const std::vector<PlacedLayer>& layers, uint64_t size);
-// A copied layer's own ID must be the declared one: a copy is never trusted.
-Result<void> verify_layer(const std::string& path, bool delta, const LayerId& want);
+// A copied layer's own ID must be the declared one: a copy is never trusted. `cancel` as for
+// layer_content_id.
+Result<void> verify_layer(const std::string& path, bool delta, const LayerId& want,
+                          const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace kvmig::helper

@@ -104,18 +104,21 @@ void hash_zeros128(XXH3_state_t* state, uint64_t length) {
 
 // The bytes of [0, size) as they read, then (for a delta) the data extents as (offset,
 // length) pairs, so allocation is part of the identity.
-Result<LayerId> hash_layer(int fd, uint64_t size, bool allocation) {
+Result<LayerId> hash_layer(int fd, uint64_t size, bool allocation, const std::atomic<bool>* cancel) {
+  auto cancelled = [cancel] { return cancel && cancel->load(std::memory_order_relaxed); };
   KVMIG_ASSIGN(auto extents, scan_extents(fd, size, 1));
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
   std::unique_ptr<uint8_t[]> buf(new uint8_t[kReadChunk]);
   XXH3_state_t state;
   XXH3_128bits_reset(&state);
   for (const Extent& e : extents) {
+    if (cancelled()) return Error{"cancelled"};
     if (!e.data) {
       hash_zeros128(&state, e.length);
       continue;
     }
     for (uint64_t pos = e.offset; pos < e.offset + e.length;) {
+      if (cancelled()) return Error{"cancelled"};
       size_t want = std::min<uint64_t>(kReadChunk, e.offset + e.length - pos);
       ssize_t n = ::pread(fd, buf.get(), want, static_cast<off_t>(pos));
       if (n < 0 && errno == EINTR) continue;
@@ -152,12 +155,13 @@ std::optional<LayerId> LayerId::parse(const std::string& hex) {
   return LayerId{std::stoull(hex.substr(0, 16), nullptr, 16), std::stoull(hex.substr(16), nullptr, 16)};
 }
 
-Result<LayerIdInfo> layer_content_id(int fd, int dir_fd, const std::string& name, bool allocation) {
+Result<LayerIdInfo> layer_content_id(int fd, int dir_fd, const std::string& name, bool allocation,
+                                     const std::atomic<bool>* cancel) {
   KVMIG_ASSIGN(Key before, key_of(fd));
   std::optional<Sidecar> cached = read_sidecar(dir_fd, name);
   if (cached && trusted(*cached, before, allocation)) return LayerIdInfo{cached->id, true, cached->origin};
   int64_t started = now_ns();
-  auto id = hash_layer(fd, before.size, allocation);
+  auto id = hash_layer(fd, before.size, allocation, cancel);
   if (!id.ok()) return std::move(id.error().prefix("content ID of " + name));
   KVMIG_ASSIGN(Key after, key_of(fd));
   if (!(after == before)) return Error{"content ID of " + name + ": the layer changed while it was hashed"};
@@ -168,7 +172,7 @@ Result<LayerIdInfo> layer_content_id(int fd, int dir_fd, const std::string& name
   return LayerIdInfo{*id, false, fresh.origin};
 }
 
-Result<LayerIdInfo> layer_content_id(const std::string& path, bool allocation) {
+Result<LayerIdInfo> layer_content_id(const std::string& path, bool allocation, const std::atomic<bool>* cancel) {
   size_t slash = path.rfind('/');
   std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
   std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
@@ -176,7 +180,7 @@ Result<LayerIdInfo> layer_content_id(const std::string& path, bool allocation) {
   if (!dir_fd) return Error::from_errno("layer directory " + dir);
   Fd fd(::openat(dir_fd.get(), name.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return Error::from_errno("layer " + path);
-  return layer_content_id(fd.get(), dir_fd.get(), name, allocation);
+  return layer_content_id(fd.get(), dir_fd.get(), name, allocation, cancel);
 }
 
 Result<void> record_layer_origin(int fd, int dir_fd, const std::string& name, bool allocation,

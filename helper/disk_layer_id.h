@@ -12,6 +12,7 @@
 // moment its hashing began; otherwise the layer is hashed again.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -42,11 +43,15 @@ struct LayerIdInfo {
 // The content ID of the open layer `fd`, whose sidecar is `name` + kLayerIdSuffix in `dir_fd`.
 // `allocation` adds the allocation map (kvmig deltas). Reads the layer unless the sidecar is
 // trusted; writes a fresh sidecar after hashing (best effort: a read-only directory only
-// costs the next caller a re-hash). Fails if the layer changes while it is hashed.
-Result<LayerIdInfo> layer_content_id(int fd, int dir_fd, const std::string& name, bool allocation);
+// costs the next caller a re-hash). Fails if the layer changes while it is hashed. `cancel`
+// (optional) set by another thread ends a hashing in progress with an error ("cancelled"),
+// without a sidecar: a destination discarding a migration must not wait for a full read.
+Result<LayerIdInfo> layer_content_id(int fd, int dir_fd, const std::string& name, bool allocation,
+                                     const std::atomic<bool>* cancel = nullptr);
 
 // The same for a path (the source side): opens the file and its directory.
-Result<LayerIdInfo> layer_content_id(const std::string& path, bool allocation);
+Result<LayerIdInfo> layer_content_id(const std::string& path, bool allocation,
+                                     const std::atomic<bool>* cancel = nullptr);
 
 // Records, after a destination re-linked a copied layer (which rewrites a qcow2 header and so
 // changes its bytes), that this file with its own verified ID `own` stands for the source

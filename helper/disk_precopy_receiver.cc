@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
+#include <map>
 
 #include "helper/messages.h"
 #include "helper/uring_engine.h"
@@ -67,14 +69,6 @@ Result<std::unique_ptr<DiskPrecopyReceiver>> DiskPrecopyReceiver::open(const Dis
                                                         "to a new or empty file"));
     if (::flock(copy.fd.get(), LOCK_EX | LOCK_NB) != 0)
       return fail(wire_error(WireCode::config_mismatch, "disk copy " + copy.path + ": busy (locked by another kvmig)"));
-    struct statvfs vfs {};
-    if (::fstatvfs(copy.fd.get(), &vfs) == 0) {
-      uint64_t free_bytes = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
-      if (d.data_bytes > free_bytes)
-        return fail(wire_error(WireCode::config_mismatch,
-                               "disk copy " + copy.path + ": destination disk full: " + std::to_string(free_bytes) +
-                                   " bytes free, the disk has " + std::to_string(d.data_bytes) + " bytes of data"));
-    }
     if (::ftruncate(copy.fd.get(), static_cast<off_t>(d.size)) != 0) return fail(copy_error(copy.path, "set size"));
     if (options.direct && d.size % 4096 == 0)
       copy.direct.reset(::open(copy.path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_DIRECT));
@@ -97,6 +91,7 @@ Result<std::unique_ptr<DiskPrecopyReceiver>> DiskPrecopyReceiver::open(const Dis
 }
 
 DiskPrecopyReceiver::~DiskPrecopyReceiver() {
+  stop_verifier();
   stop_syncer();
   // The engine reaps what is still in flight before its buffers go.
   engine_.reset();
@@ -127,6 +122,7 @@ void DiskPrecopyReceiver::stop_syncer() {
 }
 
 void DiskPrecopyReceiver::discard() {
+  stop_verifier();  // before the files go: it must not write a sidecar next to a removed copy
   stop_syncer();
   engine_.reset();
   for (Copy& c : copies_) {
@@ -192,8 +188,16 @@ Result<void> DiskPrecopyReceiver::write_zeros(size_t disk, uint64_t offset, uint
 Result<void> DiskPrecopyReceiver::on_blocks(std::span<const uint8_t> payload) {
   if (!engine_) return wire_error(WireCode::unexpected, "DISK_BLOCKS after the disks were closed");
   KVMIG_ASSIGN(DiskBlocks m, decode_disk_blocks(payload, targets_));
-  // The source sends every copied layer whole before the first block of a disk.
-  if (!verified_ && m.disk < declared_.disks.size()) KVMIG_TRY(verify_layers());
+  // The source sends every copied layer whole before the first block of a disk (a held layer
+  // has no index at all). After that, a layer's copy is complete and being verified: a block
+  // for it now would change it after (or while) it is checked.
+  bool layer = m.disk >= declared_.disks.size();
+  if (layer && layers_closed_)
+    return wire_error(WireCode::unexpected, "DISK_BLOCKS for copied layer " + copies_[m.disk].path +
+                                                " after the disks' own blocks began (its copy was complete)");
+  // A copy found wrong ends the migration as soon as it is known.
+  if (verify_done_.load(std::memory_order_acquire) && verify_error_) return *verify_error_;
+  if (!layer && !layers_closed_) KVMIG_TRY(close_layers());
   if (any_ && m.round < round_)
     return wire_error(WireCode::unexpected, "DISK_BLOCKS of round " + std::to_string(m.round) + " after round " +
                                                 std::to_string(round_));
@@ -234,7 +238,8 @@ Result<void> DiskPrecopyReceiver::on_blocks(std::span<const uint8_t> payload) {
 
 Result<void> DiskPrecopyReceiver::finish() {
   KVMIG_TRY(drain());
-  if (!verified_) KVMIG_TRY(verify_layers());
+  if (!layers_closed_) KVMIG_TRY(close_layers());  // no top block at all: checked now, in the pause
+  KVMIG_TRY(verify_result());
   stop_syncer();
   for (Copy& c : copies_)
     if (::fdatasync(c.fd.get()) != 0) return copy_error(c.path, "fdatasync");
@@ -260,41 +265,116 @@ namespace kvmig::helper {
 
 Result<void> DiskPrecopyReceiver::open_chains() {
   targets_ = declared_.disks;
+  ChainPlacements placed_so_far;
+  // A disk's copy is never another disk's layer (a zero ID matches no declared layer).
+  for (const Copy& c : copies_) placed_so_far.by_path.emplace(c.path, ChainPlacements::Entry{});
+  std::vector<std::vector<PlacedLayer>> plans(declared_.disks.size());
+  for (size_t i = 0; i < declared_.disks.size(); ++i) {
+    if (!declared_.disks[i].lower.empty()) {
+      KVMIG_ASSIGN(plans[i], plan_chain(copies_[i].path, declared_.disks[i], placed_so_far));
+    }
+  }
+  KVMIG_TRY(check_room(plans));
   for (size_t i = 0; i < declared_.disks.size(); ++i) {
     const MigrationDisk& d = declared_.disks[i];
     if (d.lower.empty()) continue;
     copies_[i].keep_allocation = true;
-    KVMIG_ASSIGN(std::vector<PlacedLayer> placed, place_chain(copies_[i].path, d));
-    for (size_t j = 0; j < placed.size(); ++j) {
-      ready_.layers.push_back(placed[j].answer);
-      if (placed[j].answer == LayerAnswer::held) continue;
+    for (size_t j = 0; j < plans[i].size(); ++j) {
+      const PlacedLayer& p = plans[i][j];
+      ready_.layers.push_back(p.answer);
+      if (p.answer == LayerAnswer::held) continue;  // held here, or copied once for an earlier disk
+      // Created and opened in one step and recorded at once: discard() then removes exactly
+      // the files this receiver created, wherever a later step fails.
+      auto fd = create_layer_file(p.path, d.size);
+      if (!fd.ok()) return wire_error(WireCode::internal, "disk copy " + copies_[i].path + ": " + fd.error().message);
       Copy c;
-      c.path = placed[j].path;
-      c.created = placed[j].created;
+      c.path = p.path;
+      c.fd = std::move(*fd);
+      c.created = true;
       c.keep_allocation = j > 0;
-      c.fd.reset(::open(c.path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
-      if (!c.fd) {
-        ::unlink(c.path.c_str());
-        return copy_error(c.path, "open");
-      }
-      if (options_.direct && d.size % 4096 == 0)
-        c.direct.reset(::open(c.path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_DIRECT));
       copies_.push_back(std::move(c));
+      if (options_.direct && d.size % 4096 == 0)
+        copies_.back().direct.reset(::open(p.path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_DIRECT));
       targets_.push_back({d.lower[j].size, d.lower[j].data_bytes, kLayerCopyBlock, {}});
-      to_verify_.push_back({placed[j].path, j > 0, d.lower[j].id});
+      to_verify_.push_back({p.path, j > 0, d.lower[j].id});
     }
-    sidecars_.push_back(copies_[i].path + kvm::kChainDeltaSuffix);
-    if (auto r = link_chain(copies_[i].path, placed, d.size); !r.ok())
+  }
+  for (size_t i = 0; i < declared_.disks.size(); ++i) {
+    if (declared_.disks[i].lower.empty()) continue;
+    // Only a descriptor this receiver writes is removed on discard.
+    std::string descriptor = copies_[i].path + kvm::kChainDeltaSuffix;
+    if (::access(descriptor.c_str(), F_OK) != 0) sidecars_.push_back(descriptor);
+    if (auto r = link_chain(copies_[i].path, plans[i], declared_.disks[i].size); !r.ok())
       return wire_error(WireCode::internal, "disk copy " + copies_[i].path + ": re-linking: " + r.error().message);
   }
   return ok();
 }
 
-Result<void> DiskPrecopyReceiver::verify_layers() {
-  KVMIG_TRY(drain());
-  for (const LayerCheck& c : to_verify_) KVMIG_TRY(verify_layer(c.path, c.delta, c.id));
-  verified_ = true;
+Result<void> DiskPrecopyReceiver::check_room(const std::vector<std::vector<PlacedLayer>>& plans) const {
+  // Per file system: what this migration writes there, before a single layer file exists.
+  struct Need {
+    std::string where;  // a copy on it, for the message
+    uint64_t free = 0, bytes = 0;
+    uint32_t layers = 0;
+  };
+  std::map<dev_t, Need> by_fs;
+  auto add = [&](const std::string& where, const std::string& probe, uint64_t bytes, bool layer) {
+    struct stat st {};
+    struct statvfs vfs {};
+    if (::stat(probe.c_str(), &st) != 0 || ::statvfs(probe.c_str(), &vfs) != 0) return;  // checked on write
+    Need& n = by_fs[st.st_dev];
+    if (n.where.empty()) n.where = where;
+    n.free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    n.bytes += bytes;
+    n.layers += layer ? 1 : 0;
+  };
+  for (size_t i = 0; i < declared_.disks.size(); ++i) {
+    add(copies_[i].path, copies_[i].path, declared_.disks[i].data_bytes, false);
+    for (size_t j = 0; j < plans[i].size(); ++j)
+      if (plans[i][j].created) {
+        std::string dir = std::filesystem::path(plans[i][j].path).parent_path().string();
+        add(copies_[i].path, dir.empty() ? "." : dir, declared_.disks[i].lower[j].data_bytes, true);
+      }
+  }
+  for (const auto& [dev, n] : by_fs)
+    if (n.bytes > n.free)
+      return wire_error(WireCode::config_mismatch,
+                        "disk copy " + n.where + ": destination disk full: " + std::to_string(n.free) +
+                            " bytes free, the copies there need " + std::to_string(n.bytes) + " bytes (disk data and " +
+                            std::to_string(n.layers) + " lower layer(s) to copy)");
   return ok();
+}
+
+Result<void> DiskPrecopyReceiver::close_layers() {
+  layers_closed_ = true;
+  if (to_verify_.empty()) {
+    verify_done_.store(true, std::memory_order_release);
+    return ok();
+  }
+  KVMIG_TRY(drain());  // every write of the layers has completed before they are read back
+  // Hashing a layer reads it whole: on the control thread it would hold up this round's
+  // acknowledgement and so lower the source's measured bandwidth. The layers are not used
+  // before finish(), which waits for this verdict.
+  verifier_ = std::thread([this, checks = to_verify_] {
+    for (const LayerCheck& c : checks)
+      if (auto r = verify_layer(c.path, c.delta, c.id, &verify_cancel_); !r.ok()) {
+        verify_error_ = std::move(r.error());
+        break;
+      }
+    verify_done_.store(true, std::memory_order_release);
+  });
+  return ok();
+}
+
+Result<void> DiskPrecopyReceiver::verify_result() {
+  if (verifier_.joinable()) verifier_.join();
+  if (verify_error_) return *verify_error_;
+  return ok();
+}
+
+void DiskPrecopyReceiver::stop_verifier() {
+  verify_cancel_.store(true);
+  if (verifier_.joinable()) verifier_.join();
 }
 
 }  // namespace kvmig::helper

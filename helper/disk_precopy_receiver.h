@@ -7,6 +7,12 @@
 // Every DISK_BLOCKS is checked whole against the declared disks before a byte is written.
 // A block may come again in a later round; io_uring does not order writes, so the writes of
 // a round are drained before the first write of the next round is queued.
+//
+// Chained disks: the lower layers to copy are created next to the tops (a layer two disks share
+// once), counted in the room check, and filled first; the first block of a top closes them
+// (later blocks for them are refused) and starts their re-hashing on a thread of its own, so
+// the control thread keeps reading the rounds; finish() waits for it, and a mismatch fails the
+// migration (at the next DISK_BLOCKS already, if it is known by then).
 #pragma once
 
 #include <atomic>
@@ -14,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <span>
 #include <string>
@@ -69,10 +76,15 @@ class DiskPrecopyReceiver {
   Result<void> drain();
   Result<void> reap_one();
   Result<void> write_zeros(size_t disk, uint64_t offset, uint64_t length);
-  // Chains (helper/disk_chain_migration.h): place the lower layers, open the ones to copy as
-  // extra targets, re-link; and check the copied layers' IDs once they are complete.
+  // Chains (helper/disk_chain_migration.h): place the lower layers, check the room for
+  // everything this migration writes, create the ones to copy as extra targets, re-link.
   Result<void> open_chains();
-  Result<void> verify_layers();
+  Result<void> check_room(const std::vector<std::vector<PlacedLayer>>& plans) const;
+  // The copied layers are complete: refuse more blocks for them, re-hash them off this thread.
+  Result<void> close_layers();
+  // Waits for that re-hashing: its verdict.
+  Result<void> verify_result();
+  void stop_verifier();
   void sync_loop();
   void stop_syncer();
 
@@ -98,8 +110,12 @@ class DiskPrecopyReceiver {
   DisksMsg declared_;
   std::vector<MigrationDisk> targets_;  // the declared disks, then the layers being copied
   DisksReady ready_;
-  std::vector<LayerCheck> to_verify_;   // copied layers, checked before the first top block
-  bool verified_ = false;
+  std::vector<LayerCheck> to_verify_;   // copied layers, re-hashed once complete
+  bool layers_closed_ = false;          // a top's first block came: the copied layers are complete
+  std::thread verifier_;
+  std::atomic<bool> verify_cancel_{false};
+  std::atomic<bool> verify_done_{false};
+  std::optional<Error> verify_error_;   // written by the verifier before verify_done_
   std::vector<std::string> sidecars_;   // descriptors this receiver wrote (removed on discard)
   DiskReceiverOptions options_;
   std::vector<Copy> copies_;

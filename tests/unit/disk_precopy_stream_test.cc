@@ -10,6 +10,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -118,53 +120,93 @@ TEST(DiskPrecopyStream, LiveWritesWithHotBlocksEndByteIdentical) {
   dest.start(*p.dest, {dst_path});
   ASSERT_TRUE(tx.declare(*p.source, kWireVersion).ok());
 
-  // The guest: ~50 MiB/s of 16 KiB writes, a third of them to 4 hot blocks, the rest spread
-  // over the disk (holes included). mark() after the write completes, as the device does.
-  std::atomic<bool> stop{false};
-  std::atomic<uint64_t> writes{0};
+  // The guest: 16 KiB writes, a third of them to 4 hot blocks, the rest spread over the disk
+  // (holes included); mark() after the write completes, as the device does. It is paced by
+  // the rounds, not by the clock: each round lets it make kWritesPerRound more writes, which
+  // race with that round's reads, and the round ends only once they are made. Each round then
+  // sees the same guest writing however loaded the machine is (a clock-paced writer wrote
+  // more per round whenever this thread was descheduled, while the measured bandwidth fell,
+  // and the copy could not converge in 60 rounds).
+  constexpr uint64_t kWritesPerRound = 8;
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t allowed = 0, made = 0;  // guarded by mu
+  bool stop = false;
   std::thread writer([&] {
     std::mt19937_64 rng(7);
     std::vector<uint8_t> buf(16 << 10);
-    while (!stop.load()) {
-      for (int i = 0; i < 16; ++i) {
-        uint64_t off = rng() % 3 == 0 ? (rng() % 4) * kBlock * 100 + (rng() % 4) * buf.size()
-                                      : (rng() % (size / buf.size())) * buf.size();
-        for (auto& b : buf) b = static_cast<uint8_t>(rng());
-        if (::pwrite(src.get(), buf.data(), buf.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(buf.size()))
-          return;
-        log.mark(off, buf.size());
-        ++writes;
+    for (;;) {
+      {
+        std::unique_lock lock(mu);
+        cv.wait(lock, [&] { return stop || made < allowed; });
+        if (stop) return;
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // 16 x 16 KiB / 5 ms ~ 50 MiB/s
+      uint64_t off = rng() % 3 == 0 ? (rng() % 4) * kBlock * 100 + (rng() % 4) * buf.size()
+                                    : (rng() % (size / buf.size())) * buf.size();
+      for (auto& b : buf) b = static_cast<uint8_t>(rng());
+      if (::pwrite(src.get(), buf.data(), buf.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(buf.size()))
+        return;
+      log.mark(off, buf.size());
+      std::lock_guard lock(mu);
+      ++made;
+      cv.notify_all();
     }
   });
+  auto guest_writes = [&] {  // one round's worth, racing with whatever runs meanwhile
+    std::lock_guard lock(mu);
+    allowed += kWritesPerRound;
+    cv.notify_all();
+  };
+  auto guest_done = [&] {  // bounded by the writer's progress; the minute only catches a hang
+    std::unique_lock lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(60), [&] { return made == allowed; });
+  };
 
-  uint64_t deferred_seen = 0;
+  uint64_t deferred_seen = 0, deferred_now = 0;
   bool converged = false;
+  auto last = std::chrono::steady_clock::now();
   for (int rounds = 0; rounds < 60 && !converged; ++rounds) {
+    ASSERT_TRUE(guest_done()) << "the writer stalled";
     uint64_t dirty = tx.observe();
+    auto now = std::chrono::steady_clock::now();
+    double seconds = std::max(1e-3, std::chrono::duration<double>(now - last).count());
+    last = now;
     // Converged once bulk and backlog are through and what is owed fits the pause budget
-    // (the rate is per ~25 ms round; after a few rounds so hot blocks are recognised).
-    converged = rounds >= 8 && tx.convergence(dirty / 0.025).converged;
+    // (after a few rounds so hot blocks are recognised).
+    converged = rounds >= 8 && tx.convergence(dirty / seconds).converged;
     if (converged) break;
+    guest_writes();
     auto r = tx.send_round(*p.source, kWireVersion, 8 * kMiB);
     ASSERT_TRUE(r.ok()) << r.error().message << " / destination: " << dest.error;
     deferred_seen = std::max(deferred_seen, r->deferred_blocks);
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    deferred_now = r->deferred_blocks;
   }
-  EXPECT_TRUE(converged);
-  EXPECT_TRUE(tx.bulk_done());
+  EXPECT_TRUE(converged) << "owed " << tx.pending_bytes() << " bytes at " << tx.bandwidth() << " B/s";
+  // The bulk copy went out live, but for a hot block of it that the rule holds for the pause
+  // (a block written round after round before its first copy: deferring it is the rule, not a
+  // miss; whether that happens depends on when the writer reaches it).
+  EXPECT_TRUE(tx.bulk_done() || deferred_now > 0);
   EXPECT_GT(tx.bandwidth(), 0);
   EXPECT_GT(deferred_seen, 0u) << "blocks written every round are held for the switch-over";
 
-  // The pause: the writer stops with its last writes completed and marked.
-  stop = true;
+  // The pause: the guest's last writes after the deciding harvest complete (and are marked),
+  // then it stops; the final round must carry them.
+  guest_writes();
+  ASSERT_TRUE(guest_done()) << "the writer stalled";
+  uint64_t total_writes = 0;
+  {
+    std::lock_guard lock(mu);
+    stop = true;
+    total_writes = made;
+    cv.notify_all();
+  }
   writer.join();
-  EXPECT_GT(writes.load(), 200u) << "the guest wrote during the pre-copy";
+  EXPECT_GE(total_writes, 9 * kWritesPerRound) << "the guest wrote during the pre-copy";
   auto fin = tx.send_final(*p.source, kWireVersion);
   ASSERT_TRUE(fin.ok()) << fin.error().message;
   EXPECT_GT(fin->blocks, 0u);
   EXPECT_EQ(tx.pending_bytes(), 0u);
+  EXPECT_TRUE(tx.bulk_done());
   ASSERT_TRUE(send_message(*p.source, kWireVersion, MsgType::commit).ok());
   auto done = read_message(*p.source, kWireVersion, WireLimits{});
   dest.thread.join();
