@@ -55,8 +55,8 @@ uint64_t count_bits(std::span<const uint64_t> bits) {
 }
 
 PageSender::PageSender(Connection& connection, uint16_t version, GpaResolver source,
-                       CompressMode compress)
-    : connection_(connection), version_(version), source_(std::move(source)) {
+                       CompressMode compress, bool skip_untouched)
+    : connection_(connection), version_(version), source_(std::move(source)), skip_untouched_(skip_untouched) {
   if (compress == CompressMode::off) return;
   // The streams compress in parallel, as far as there are CPUs for them.
   const size_t n = connection.data.size();
@@ -104,6 +104,8 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracker
         bool any = false;
         for (uint64_t w : words) any |= w != 0;
         if (any) KVMIG_TRY(tracker->rearm_bits(rb->gpa + first * kPageSize, end - first, words));
+        static const long settle_us = getenv("KVMIG_EXPERIMENT_SETTLE_US") ? atol(getenv("KVMIG_EXPERIMENT_SETTLE_US")) : 0;  // TEMP experiment
+        if (any && settle_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(settle_us));
       }
       Result<void> r = ok();
       auto add = [&](uint64_t p, uint64_t n) {
@@ -122,7 +124,7 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracker
         if (!host) return add(p, n);  // let the batch sender report it
         // Never-touched pages are zero without reading them (and faulting each in): asked
         // after the chunk was rearmed above, so a write from now on is in the next harvest.
-        if (!residency_.touched(host, n, touched)) touched.assign(n, 1);
+        if (!skip_untouched_ || !residency_.touched(host, n, touched)) touched.assign(n, 1);
         auto is_zero = [&](uint64_t k) { return !touched[k] || page_is_zero(host + k * kPageSize); };
         for (uint64_t i = 0; i < n;) {
           uint64_t j = i;

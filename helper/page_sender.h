@@ -42,7 +42,10 @@ uint64_t count_bits(std::span<const uint64_t> bits);
 
 class PageSender {
  public:
-  PageSender(Connection& connection, uint16_t version, GpaResolver source, CompressMode compress);
+  // `skip_untouched`: the source is memory kvm::PageResidency can judge
+  // (kvm::GuestMemory::residency_tells_zero); round 1 then skips never-touched pages unread.
+  PageSender(Connection& connection, uint16_t version, GpaResolver source, CompressMode compress,
+             bool skip_untouched = false);
 
   // Sends round `round`. `rearm` (may be empty: the final, paused round) holds the pages
   // harvested dirty, rearmed through `tracker` chunk by chunk just before the chunk is read;
@@ -75,7 +78,7 @@ class PageSender {
   std::vector<std::unique_ptr<PageCompressor>> compressors_;  // per stream
   std::atomic<uint64_t> skipped_{0};
   // Round 1 (fresh destination) skips guest pages never touched without reading them.
-  // The source resolves into the VM's own RAM, which is private anonymous memory.
+  bool skip_untouched_;
   kvm::PageResidency residency_;
 };
 

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <string>
 
 namespace kvmig::kvm {
@@ -76,8 +77,8 @@ Result<uint64_t> DirtyRingLog::collect() {
 }
 
 Result<uint64_t> DirtyRingLog::collect_locked() {
-  uint64_t taken = 0;
   const uint32_t mask = entries_ - 1;
+  collected_.clear();
   for (size_t i = 0; i < rings_.size(); ++i) {
     Ring& ring = rings_[i];
     for (;;) {
@@ -85,15 +86,25 @@ Result<uint64_t> DirtyRingLog::collect_locked() {
       // KVM fills slot/offset, then publishes DIRTY with a release store: acquire pairs.
       const uint32_t flags = std::atomic_ref<uint32_t>(e.flags).load(std::memory_order_acquire);
       if (!(flags & KVM_DIRTY_GFN_F_DIRTY)) break;
-      if (sink_) sink_(e.slot, e.offset);
+      collected_.push_back({e.slot, e.offset});
       // Release: our reads of the entry happen before KVM may reuse it.
       std::atomic_ref<uint32_t>(e.flags).store(KVM_DIRTY_GFN_F_RESET, std::memory_order_release);
       ++ring.fetch;
-      ++taken;
     }
   }
-  if (taken > 0 && ::ioctl(vm_fd_, KVM_RESET_DIRTY_RINGS, 0) < 0)
+  const uint64_t taken = collected_.size();
+  const bool reset_failed = taken > 0 && ::ioctl(vm_fd_, KVM_RESET_DIRTY_RINGS, 0) < 0;
+  const int err = errno;
+  // Only now, with the pages write-protected again, do they reach the sink. The other way
+  // round (a vCPU's ring-full exit collecting while the migration thread sends), the sender
+  // could take a page from the sink, read it, and another vCPU write it through its
+  // still-writable mapping before the reset: that write would leave no entry and be lost.
+  if (sink_)
+    for (const auto& [slot, offset] : collected_) sink_(slot, offset);
+  if (reset_failed) {
+    errno = err;
     return Error::from_errno("KVM_RESET_DIRTY_RINGS after " + std::to_string(taken) + " entries");
+  }
   return taken;
 }
 

@@ -22,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "base/result.h"
@@ -87,6 +88,7 @@ class DirtyRingLog {
   mutable std::mutex mu_;
   std::vector<Ring> rings_;
   Sink sink_;
+  std::vector<std::pair<uint32_t, uint64_t>> collected_;  // (slot, page offset), reused per collect
   uint64_t ring_full_ = 0;
 };
 

@@ -63,6 +63,10 @@ class GuestMemory {
   uint8_t* host_ptr(uint64_t gpa, uint64_t len) const;
   uint64_t ram_size() const { return ram_size_; }
   bool hugepages() const { return hugepages_; }
+  // Whether kvm::PageResidency may judge this RAM: private anonymous 4 KiB-page memory, where
+  // a page neither present nor swapped was never written. Not hugetlbfs: pagemap shows a huge
+  // page under migration (NUMA, memory offline, CMA) as neither, though it holds data.
+  bool residency_tells_zero() const { return !hugepages_; }
   // Re-registers a slot with new KVM_MEM_* flags (e.g. KVM_MEM_LOG_DIRTY_PAGES).
   Result<void> set_slot_flags(uint32_t slot, uint32_t flags);
   uint32_t slot_flags(uint32_t slot) const;
