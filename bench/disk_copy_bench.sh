@@ -69,7 +69,8 @@ rm -f "$DIR/serve.log"
 SERVE=$!
 trap 'kill $SERVE 2>/dev/null || true' EXIT
 for _ in 1 2 3 4 5 6 7 8 9 10; do
-  PORT=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$DIR/serve.log")
+  # The server's shell may not have created its log yet: not an error (set -e), try again.
+  PORT=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$DIR/serve.log" 2>/dev/null || true)
   [ -n "$PORT" ] && break
   sleep 0.2
 done

@@ -113,6 +113,7 @@ struct CopyRun {
                              {"resumed_from", r->resumed_from},
                              {"end_offset", r->end_offset},
                              {"data_bytes", r->data_bytes},
+                             {"acks", r->acks},
                              {"outcome", r->outcome == h::DiskCopyOutcome::stopped ? "stopped" : "verified"},
                              {"direct", r->direct},
                              {"registered_buffers", r->registered},
@@ -382,7 +383,7 @@ void add_disk_command(CLI::App& app) {
   s->add_option("--listen", serve->listen, "ADDR:PORT (port 0: any) or unix:/path")->required();
   s->add_option("--root", serve->root, "Directory every destination path is resolved beneath")->required();
   s->add_option("--queue-depth", serve->queue_depth, "Writes in flight")->check(CLI::Range(1, 1024));
-  s->add_option("--ack-every", serve->ack_every, "fdatasync and acknowledge every this many bytes")
+  s->add_option("--ack-every", serve->ack_every, "fdatasync and acknowledge every this many bytes written")
       ->transform(CLI::AsSizeValue(false));
   s->add_flag("--no-direct", serve->no_direct, "Do not use O_DIRECT");
   s->add_flag("--once", serve->once, "Exit after the first verified copy");

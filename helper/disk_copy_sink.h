@@ -1,8 +1,9 @@
 // The receiving side of a disk copy (`kvmig disk serve`): writes one image per connection,
 // only beneath its root directory, through io_uring (O_DIRECT where the file system allows),
-// keeping holes and zero blocks sparse. Progress is durable: every `ack_every` bytes the
-// writes are drained and fdatasync'd, then the offset is recorded next to the image in
-// "<image>.kvmig-partial" and acknowledged. A later connection for the same image version
+// keeping holes and zero blocks sparse. Progress is durable: every `ack_every` bytes written,
+// once the writes below that offset have completed, a background thread fdatasyncs, records
+// the offset next to the image in "<image>.kvmig-partial" and acknowledges it, while the
+// copy goes on. A later connection for the same image version
 // (same content id and size) resumes from the recorded offset, whichever server wrote it,
 // which is what makes both resume and hand-off work. The marker goes away once the whole
 // image's XXH3 matches the source's.
@@ -24,7 +25,7 @@ inline constexpr const char* kPartialSuffix = ".kvmig-partial";
 struct DiskSinkOptions {
   unsigned queue_depth = 32;       // writes in flight (= registered buffers)
   bool direct = true;              // try O_DIRECT, fall back to buffered writes
-  uint64_t ack_every = 64 << 20;   // bytes of progress between fdatasync + ACK
+  uint64_t ack_every = 64 << 20;   // bytes written between fdatasync + ACK (in the background)
   int idle_timeout_s = 120;        // a silent source for this long ends the connection
   // Points `child` at `parent` (paths relative to the root, both checked to lie beneath it):
   // a qcow2 header or a kvmig delta descriptor. Supplied by the server command, because

@@ -48,6 +48,7 @@ struct Replies {
   std::mutex mu;
   std::condition_variable cv;
   uint64_t acked = 0;
+  uint64_t acks = 0;
   std::optional<uint64_t> stopped_at;
   std::optional<uint64_t> verified_hash;
   std::optional<Error> error;
@@ -63,7 +64,7 @@ void read_replies(Stream& control, Stream& data, Replies& r) {
       r.error = m.error();
     } else if (m->type() == DiskMsg::ack) {
       auto v = decode_disk_u64(m->payload, "ACK");
-      if (v.ok()) r.acked = std::max(r.acked, *v), last = false;
+      if (v.ok()) r.acked = std::max(r.acked, *v), ++r.acks, last = false;
       else r.error = v.error();
     } else if (m->type() == DiskMsg::stopped) {
       auto v = decode_disk_u64(m->payload, "STOPPED");
@@ -277,6 +278,9 @@ Result<DiskCopyReport> copy_disk(DiskImage& image, Connection& connection,
   DiskOpen open{image.size,        options.block_size, options.chunk, data_bytes(image.extents),
                 image.content_id,  open_flags(options), dest_path};
   KVMIG_TRY(validate(open));
+  // Registering the buffers (pinning them) takes tens of milliseconds: do it while the
+  // destination opens its file, not after.
+  KVMIG_ASSIGN(auto engine, UringEngine::create(options.queue_depth, options.chunk));
   KVMIG_TRY(send_disk(data, DiskMsg::open, encode(open)));
   KVMIG_ASSIGN(DiskMessage first, read_disk(control));
   if (first.type() == DiskMsg::error) return disk_peer_error(first);
@@ -293,7 +297,6 @@ Result<DiskCopyReport> copy_disk(DiskImage& image, Connection& connection,
   XXH3_64bits_reset(&hash);
   if (auto r = hash_prefix(image.fd.get(), from, &hash); !r.ok())
     return std::move(r.error().prefix("hashing the resumed prefix of " + image.path));
-  KVMIG_ASSIGN(auto engine, UringEngine::create(options.queue_depth, options.chunk));
   report.registered = engine->registered();
 
   Replies replies;
@@ -317,6 +320,7 @@ Result<DiskCopyReport> copy_disk(DiskImage& image, Connection& connection,
   reader.join();
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   report.acked = std::max(report.acked, replies.acked);
+  report.acks = replies.acks;
   // The destination's own refusal explains a failure better than the send it broke.
   if (replies.error && (!replies.stopped_at && !replies.verified_hash) &&
       (sent.ok() || replies.error->message.find("peer:") != std::string::npos))

@@ -62,6 +62,7 @@ struct DiskCopyReport {
   uint64_t resumed_from = 0;  // RESUME_FROM of this connection
   uint64_t end_offset = 0;    // verified: the image size; stopped: STOPPED's offset
   uint64_t acked = 0;         // last ACK (or STOPPED / VERIFIED) offset seen
+  uint64_t acks = 0;          // ACKs received (one per --ack-every bytes written there)
   uint64_t data_bytes = 0;    // bytes sent in EXTENTs
   uint64_t zero_bytes = 0;    // bytes sent as ZERO markers
   uint64_t hole_bytes = 0;    // bytes sent as HOLE markers
