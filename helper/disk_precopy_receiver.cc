@@ -351,7 +351,13 @@ Result<void> DiskPrecopyReceiver::close_layers() {
     verify_done_.store(true, std::memory_order_release);
     return ok();
   }
-  KVMIG_TRY(drain());  // every write of the layers has completed before they are read back
+  // Every write of the layers has completed before they are read back. If that fails there is
+  // no verdict to wait for: the failure is the verdict, so finish() can never pass unchecked.
+  if (auto drained = drain(); !drained.ok()) {
+    verify_error_ = drained.error();
+    verify_done_.store(true, std::memory_order_release);
+    return drained;
+  }
   // Hashing a layer reads it whole: on the control thread it would hold up this round's
   // acknowledgement and so lower the source's measured bandwidth. The layers are not used
   // before finish(), which waits for this verdict.
