@@ -37,11 +37,16 @@ struct MigrateOptions {
   // Several streams by default: the destination's first touch of each page is the slow part
   // of round 1, and N streams fault pages in on N threads.
   int streams = 4;
-  // Off by default. Since wire version 3 rounds are timed to the destination's ROUND_ACK,
-  // which ended compression's 64-604 ms downtimes, but auto's higher (true) bandwidth lets
-  // convergence switch over with a bigger final round, and on a loaded host hot1g's median
-  // downtime stayed a few ms above off's (docs/benchmarks.md, "Per-round acknowledgement").
-  std::string compress = "off";
+  // auto by default: the test guest's pages (and a typical idle guest's) shrink ~100x, so an
+  // idle 1280 MiB guest moves 0.1 MiB instead of 64 MiB. Rounds are timed to the
+  // destination's ROUND_ACK (wire version 3), so a compressed round's backlog is not taken
+  // for bandwidth, and convergence plans with the switch-over's fixed cost measured in this
+  // migration (per-round latency, harvest, state save: helper/round_timing.h) instead of a
+  // 1 ms constant, so auto's higher bandwidth does not buy a bigger final round than off's
+  // (median 117 vs 158 pages on hot1g at load 8-10). Downtime medians of the two modes were
+  // within that load's scheduling noise either way (docs/benchmarks.md, "Compression by
+  // default"). A version-2 destination gets raw pages under auto.
+  std::string compress = "auto";
   bool verify = false;
   std::string tracking = "bitmap";
   std::string granularity = "4K";
@@ -146,8 +151,8 @@ void add_migrate_command(CLI::App& app) {
   cmd->add_option("--to", opt->to, "Destination: HOST:PORT or unix:PATH")->required();
   cmd->add_option("--streams", opt->streams, "Data streams (1..16, default 4)")->check(CLI::Range(1, 16));
   cmd->add_option("--compress", opt->compress,
-                  "zstd on page batches: off (default), auto (where it shrinks them and saves time), on "
-                  "(wherever it shrinks them)")
+                  "zstd on page batches: auto (default: where it shrinks them and saves time), on "
+                  "(wherever it shrinks them), off")
       ->check(CLI::IsMember({"auto", "on", "off"}));
   cmd->add_flag("--verify", opt->verify, "Compare an XXH3 of all guest RAM before COMMIT");
   cmd->add_option("--dirty-tracking", opt->tracking, "bitmap (default) or ring");

@@ -35,10 +35,10 @@ ConvergenceDecision decide_round(const ConvergenceInput& in) {
     d.reason = "timeout before memory converged";
     return d;
   }
-  // No amount of copying or throttling shortens the state transfer itself.
+  // No amount of copying or throttling shortens the fixed part of the switch-over.
   if (in.state_seconds > in.max_downtime) {
     d.verdict = Verdict::give_up;
-    d.reason = "state transfer alone exceeds the max downtime";
+    d.reason = "the switch-over's fixed cost alone exceeds the max downtime";
     return d;
   }
   if (d.expected_downtime <= in.max_downtime) {

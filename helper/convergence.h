@@ -12,9 +12,12 @@ namespace kvmig::helper {
 struct ConvergenceInput {
   uint64_t dirty_bytes = 0;       // still to send if we stopped now, deferred hot pages included
   uint64_t prev_dirty_bytes = 0;  // the same, one round earlier (0: no earlier round)
-  double bandwidth = 0;           // bytes/s the link moved last round (0: not measured)
+  double bandwidth = 0;           // uncompressed bytes/s a round's pages move at (0: not measured)
   double dirty_rate = 0;          // bytes/s of distinct pages the guest dirtied last round
-  double state_seconds = 0;       // estimated time to send vCPU + device state
+  // The switch-over's fixed cost, whatever the pages: state save, pause, harvest, the final
+  // ROUND_ACK and COMMIT/DONE round trips (measured: helper/round_timing.h). Over the budget
+  // on its own: give up.
+  double state_seconds = 0;
   // Seconds from the harvest the decision is made on to the pause. The guest keeps
   // dirtying at dirty_rate (throttled) during them, and those pages join the final round.
   double switch_gap = 0;

@@ -213,14 +213,34 @@ std::vector<uint8_t> encode(const Verify& m) {
   ByteWriter w;
   w.u64(m.hash);
   w.u64(m.bytes);
+  if (m.range_bytes != 0) {
+    w.u64(m.range_bytes);
+    w.u32(static_cast<uint32_t>(m.ranges.size()));
+    for (uint64_t h : m.ranges) w.u64(h);
+  }
   return w.take();
 }
 
-Result<Verify> decode_verify(std::span<const uint8_t> payload) {
+Result<Verify> decode_verify(std::span<const uint8_t> payload, bool with_ranges) {
   ByteReader r(payload, "VERIFY");
   Verify m;
   KVMIG_ASSIGN(m.hash, r.u64());
   KVMIG_ASSIGN(m.bytes, r.u64());
+  if (with_ranges) {
+    KVMIG_ASSIGN(m.range_bytes, r.u64());
+    if (m.range_bytes < 4096 || m.range_bytes > (1ull << 30) || (m.range_bytes & (m.range_bytes - 1)) != 0)
+      return wire_error(WireCode::malformed, "VERIFY: range size " + std::to_string(m.range_bytes) +
+                                                 " is not a power of two from 4 KiB to 1 GiB");
+    KVMIG_ASSIGN(uint32_t count, r.u32());
+    if (count == 0 || count > kMaxVerifyRanges || count * uint64_t{8} != r.remaining())
+      return wire_error(WireCode::malformed, "VERIFY: " + std::to_string(count) + " range hashes in " +
+                                                 std::to_string(r.remaining()) + " bytes (cap " +
+                                                 std::to_string(kMaxVerifyRanges) + ")");
+    m.ranges.resize(count);
+    for (uint64_t& h : m.ranges) {
+      KVMIG_ASSIGN(h, r.u64());
+    }
+  }
   KVMIG_TRY(r.finish());
   return m;
 }

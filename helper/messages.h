@@ -42,7 +42,11 @@ struct MemoryLayout {
 inline constexpr uint64_t kFeatureCompression = 1u << 0;
 inline constexpr uint64_t kFeatureVerify = 1u << 1;
 inline constexpr uint64_t kFeatureDisks = 1u << 2;  // DISKS, DISKS_READY, DISK_BLOCKS
-inline constexpr uint64_t kKnownFeatures = kFeatureCompression | kFeatureVerify | kFeatureDisks;
+// With VERIFY: the hash comes with one hash per piece of guest RAM, so a mismatch names
+// where memory differs (offered and accepted only together with kFeatureVerify).
+inline constexpr uint64_t kFeatureVerifyRanges = 1u << 3;
+inline constexpr uint64_t kKnownFeatures =
+    kFeatureCompression | kFeatureVerify | kFeatureDisks | kFeatureVerifyRanges;
 
 struct Hello {
   uint16_t version = kWireVersion;  // from the header: the version the source proposes
@@ -101,7 +105,14 @@ inline constexpr uint16_t kRoundAckVersion = 3;
 struct Verify {
   uint64_t hash = 0;   // XXH3-64 over all guest RAM, ranges in layout order
   uint64_t bytes = 0;  // bytes covered, must equal the layout's total
+  // kFeatureVerifyRanges only (range_bytes != 0): each layout range is cut from its start
+  // in pieces of range_bytes (a power of two, 4 KiB..1 GiB; a range's last piece may be
+  // shorter), `ranges` holds the XXH3-64 of each piece in layout order, and `hash` is then
+  // the XXH3-64 of that list (little-endian u64s): one pass over guest RAM on each side.
+  uint64_t range_bytes = 0;
+  std::vector<uint64_t> ranges;
 };
+inline constexpr uint32_t kMaxVerifyRanges = 1u << 20;  // decoder cap: 8 MiB of hashes
 
 // Which STATE section ids the destination can restore.
 using SectionIdCheck = std::function<bool(std::string_view id)>;
@@ -120,7 +131,8 @@ Result<ErrorMsg> decode_error(std::span<const uint8_t> payload);
 Result<RoundEnd> decode_round_end(std::span<const uint8_t> payload);
 Result<kvm::StateSection> decode_state(std::span<const uint8_t> payload,
                                        const SectionIdCheck& known, uint64_t max_bytes);
-Result<Verify> decode_verify(std::span<const uint8_t> payload);
+// with_ranges: the kFeatureVerifyRanges form (range_bytes, u32 count, count x u64 follow).
+Result<Verify> decode_verify(std::span<const uint8_t> payload, bool with_ranges = false);
 Result<RoundAck> decode_round_ack(std::span<const uint8_t> payload);
 // Checks an acknowledgement against the round the source sent: the same round, exactly the
 // pages and MEM_PAGES bytes its data streams carried. [unexpected] for another round,

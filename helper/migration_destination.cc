@@ -3,9 +3,9 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include <condition_variable>
+#include <cstdio>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -14,6 +14,7 @@
 #include "helper/disk_precopy_receiver.h"
 #include "helper/messages.h"
 #include "helper/transport_pages.h"
+#include "helper/verify_memory.h"
 #include "kvm/guest_memory.h"
 #include "kvm/machine_snapshot.h"
 
@@ -87,7 +88,9 @@ class Receiver {
   std::set<std::string> part_ids_;
   std::vector<kvm::StateSection> sections_;
   std::optional<Verify> verify_;
+  std::unique_ptr<PageRoundLog> round_log_;  // --verify: which round last wrote each page
   bool disks_agreed_ = false;                  // HELLO_ACK accepted the disk feature
+  bool verify_ranges_ = false;                 // HELLO_ACK accepted per-piece VERIFY hashes
   std::unique_ptr<DiskPrecopyReceiver> disks_;  // the disks' copies, from DISKS on
   std::mutex send_mu_;
   SessionVm vm_;
@@ -161,6 +164,10 @@ Result<void> Receiver::hello() {
   // stops at once with a clear error, before anything moved.
   if (opt_.disk_paths.empty()) ack.features &= ~kFeatureDisks;
   disks_agreed_ = ack.features & kFeatureDisks;
+  // Per-piece hashes only with VERIFY itself.
+  if (!(ack.features & kFeatureVerify)) ack.features &= ~kFeatureVerifyRanges;
+  verify_ranges_ = ack.features & kFeatureVerifyRanges;
+  if (ack.features & kFeatureVerify) round_log_ = std::make_unique<PageRoundLog>(hello_.memory);
   KVMIG_TRY(send_control(MsgType::hello_ack, encode(ack)));
   pages_thread_ = std::thread([this] { page_loop(); });
   return ok();
@@ -172,6 +179,7 @@ void Receiver::page_loop() {
                    [&vm](uint64_t gpa, uint64_t len) { return vm.memory().host_ptr(gpa, len); },
                    opt_.limits);
   rr.set_anonymous_target(true);  // kvm::GuestMemory maps guest RAM MAP_PRIVATE | MAP_ANONYMOUS
+  rr.set_round_log(round_log_.get());
   for (uint32_t round = 1;; ++round) {
     auto st = rr.receive(round);
     std::lock_guard lock(mu_);
@@ -277,7 +285,7 @@ Result<void> Receiver::follow_control() {
         break;
       case MsgType::verify: {
         if (!want_verify || verify_) return wire_error(WireCode::unexpected, "VERIFY not agreed or sent twice");
-        KVMIG_ASSIGN(Verify v, decode_verify(m.payload));
+        KVMIG_ASSIGN(Verify v, decode_verify(m.payload, verify_ranges_));
         verify_ = v;
         break;
       }
@@ -314,16 +322,11 @@ Result<void> Receiver::load_and_ready() {
   // threads is not worth a moment of the source's downtime.
   kvm::Machine& vm = *out_.machine;
   if (verify_) {
-    if (verify_->bytes != vm.memory().ram_size())
-      return wire_error(WireCode::malformed, "VERIFY covers " + std::to_string(verify_->bytes) + " bytes of " +
-                                                 std::to_string(vm.memory().ram_size()));
-    XXH3_state_t* st = XXH3_createState();
-    XXH3_64bits_reset(st);
-    for (const auto& r : vm.memory().regions()) XXH3_64bits_update(st, r.host, r.size);
-    uint64_t h = XXH3_64bits_digest(st);
-    XXH3_freeState(st);
-    if (h != verify_->hash)
-      return wire_error(WireCode::internal, "VERIFY: guest memory hash differs from the source's");
+    // Where memory differs goes to this side's log in full (the ERROR text is short).
+    std::string detail;
+    auto checked = check_verify(*verify_, vm.memory().regions(), round_log_.get(), &detail);
+    if (!detail.empty()) fputs(detail.c_str(), stderr);
+    KVMIG_TRY(checked);
     out_.verified = true;
   }
   // The disks durable before READY: after it the source may be gone for good.

@@ -34,6 +34,15 @@ nlohmann::json MigrationReport::to_json() const {
                    {"granularity", granularity}, {"streams", streams},
                    {"compress", compress},       {"compressed_batches", compressed_batches},
                    {"verified", verified},
+                   {"fixed_ms_estimate", fixed_ms_estimate},
+                   {"fixed_ms_measured", fixed_ms_measured},
+                   {"latency_ms_estimate", latency_ms_estimate},
+                   {"harvest_ms_estimate", harvest_ms_estimate},
+                   {"pause_ms_assumed", pause_ms_assumed},
+                   {"resume_ms_assumed", resume_ms_assumed},
+                   {"state_save_ms_measured", state_save_ms_measured},
+                   {"bandwidth_mbps_estimate", bandwidth_mbps_estimate},
+                   {"expected_downtime_ms", expected_downtime_ms},
                    {"rounds", rs}};
   if (disks > 0)
     j["disk"] = {{"disks", disks},
@@ -78,6 +87,15 @@ MigrationReport MigrationReport::from_json(const nlohmann::json& j) {
   r.dirty_rate = j.value("dirty_rate", 0.0);
   r.bandwidth_mbps = j.value("bandwidth_mbps", 0.0);
   r.max_throttle = j.value("max_throttle", 0.0);
+  r.fixed_ms_estimate = j.value("fixed_ms_estimate", 0.0);
+  r.fixed_ms_measured = j.value("fixed_ms_measured", 0.0);
+  r.latency_ms_estimate = j.value("latency_ms_estimate", 0.0);
+  r.harvest_ms_estimate = j.value("harvest_ms_estimate", 0.0);
+  r.pause_ms_assumed = j.value("pause_ms_assumed", 0.0);
+  r.resume_ms_assumed = j.value("resume_ms_assumed", 0.0);
+  r.state_save_ms_measured = j.value("state_save_ms_measured", 0.0);
+  r.bandwidth_mbps_estimate = j.value("bandwidth_mbps_estimate", 0.0);
+  r.expected_downtime_ms = j.value("expected_downtime_ms", 0.0);
   if (j.contains("disk") && j["disk"].is_object()) {
     const auto& d = j["disk"];
     r.disks = d.value("disks", 0u);

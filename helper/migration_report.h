@@ -60,6 +60,18 @@ struct MigrationReport {
   double dirty_rate = 0;      // bytes/s the guest dirtied, last live round
   double bandwidth_mbps = 0;  // MB/s (10^6) over all rounds
   double max_throttle = 0;
+  // Convergence's estimate at the switch-over decision (helper/round_timing.h), next to the
+  // measured downtime_ms: the fixed part it planned with (capped at 60 % of the budget) and
+  // uncapped, the per-round latency and bandwidth it was made of, and the downtime expected.
+  double fixed_ms_estimate = 0;
+  double fixed_ms_measured = 0;
+  double latency_ms_estimate = 0;
+  double harvest_ms_estimate = 0;      // slowest recent pre-copy harvest
+  double pause_ms_assumed = 0;         // vCPU pause
+  double resume_ms_assumed = 0;        // the destination's COMMIT -> DONE beyond the round trip
+  double state_save_ms_measured = 0;   // state save, timed in setup
+  double bandwidth_mbps_estimate = 0;  // uncompressed MB/s (10^6)
+  double expected_downtime_ms = 0;
   // Disks (docs/disk-migration.md); all 0 for a VM without disks.
   uint32_t disks = 0;
   uint64_t disk_bytes = 0;          // DISK_BLOCKS on the wire, headers included (also in bytes)

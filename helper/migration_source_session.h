@@ -18,6 +18,7 @@
 #include "helper/disk_precopy_sender.h"
 #include "helper/migration_source.h"
 #include "helper/page_sender.h"
+#include "helper/round_timing.h"
 #include "helper/vcpu_throttle.h"
 #include "helper/messages.h"
 #include "kvm/dirty_tracker.h"
@@ -44,6 +45,9 @@ class SourceSession {
   Result<RoundStats> send_round(std::span<const kvm::DirtyBitmap> rearm,
                                 std::span<const kvm::DirtyBitmap> send, bool live);
   Result<Message> read_control();
+  // read_control(), but a destination silent for `seconds` (alive, sockets open: the link
+  // timeout does not see it) is an error naming `what` (round_timing.h, reply_deadline).
+  Result<Message> read_control_within(double seconds, const std::string& what);
   // Version 3 on: reads the destination's ROUND_ACK of the round sent last and checks it
   // against what the data streams carried (docs/protocol.md, "Round acknowledgement").
   Result<void> await_round_ack();
@@ -73,6 +77,11 @@ class SourceSession {
   uint64_t features_ = 0;
   bool round_acks_ = false;  // the agreed version has ROUND_ACK: rounds are timed to it
   RoundAck sent_;            // the round sent last, as its ROUND_ACK must echo it
+  uint64_t sent_raw_ = 0;    // its uncompressed page bytes: what its deadline scales with
+  RoundTiming timing_;       // latency + bytes / bandwidth, fitted from the rounds so far
+  // Measured in setup when it pauses the VM anyway (else assumed): part of convergence's
+  // fixed cost, with the vCPU pause (assumed: kicking the vCPUs out of KVM_RUN).
+  double state_save_seconds_ = 0.0002, pause_seconds_ = 0.0003;
   std::unique_ptr<kvm::DirtyTracker> tracker_;
   std::optional<kvm::MachineSnapshot> snapshot_;
   std::unique_ptr<PageSender> sender_;

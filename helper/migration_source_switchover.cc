@@ -1,32 +1,46 @@
 // The source's switch-over and commit: pause, last harvest plus the deferred hot pages,
 // vCPU/device state (and --verify's hash), READY; then COMMIT, DONE, and the release record.
 // From the pause on every step is downtime (KVMIG_TRACE_SWITCHOVER=1 prints each one).
-#include <xxhash.h>
+#include <poll.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include "helper/fault_point.h"
 #include "helper/migration_source_session.h"
+#include "helper/verify_memory.h"
 
 namespace kvmig::helper {
-namespace {
-
-uint64_t memory_hash(const kvm::GuestMemory& memory) {
-  XXH3_state_t* st = XXH3_createState();
-  XXH3_64bits_reset(st);
-  for (const auto& r : memory.regions()) XXH3_64bits_update(st, r.host, r.size);
-  uint64_t h = XXH3_64bits_digest(st);
-  XXH3_freeState(st);
-  return h;
-}
-
-}  // namespace
 
 Result<Message> SourceSession::read_control() {
   KVMIG_ASSIGN(Message m, read_message(*conn_.control, version_, WireLimits{}));
   if (m.type() == MsgType::error || m.type() == MsgType::abort) return peer_error(m);
   return m;
+}
+
+Result<Message> SourceSession::read_control_within(double seconds, const std::string& what) {
+  // Waits for the first byte only: a peer that begins a message sends the rest with it, and
+  // a cut link mid-message is the link timeout's. Streams without a descriptor (none in a
+  // real session) are read without a deadline.
+  if (auto* fd_stream = dynamic_cast<FdStream*>(conn_.control.get())) {
+    const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    for (;;) {
+      const double left_ms = std::chrono::duration<double, std::milli>(until - Clock::now()).count();
+      if (left_ms <= 0) {
+        char buf[160];
+        snprintf(buf, sizeof buf, "the destination sent no %s within %.1f s (stopped answering)", what.c_str(), seconds);
+        return wire_error(WireCode::io, buf);
+      }
+      pollfd p{fd_stream->fd(), POLLIN, 0};
+      int rc = ::poll(&p, 1, static_cast<int>(std::min(left_ms + 1, 60000.0)));
+      if (rc > 0) break;  // readable, closed or failed: read_message() tells which
+      if (rc < 0 && errno != EINTR) return Error{std::string("poll on the control stream: ") + strerror(errno)};
+    }
+  }
+  return read_control();
 }
 
 Result<void> SourceSession::switchover() {
@@ -74,7 +88,10 @@ Result<void> SourceSession::switchover() {
   }
   report_.bytes += report_.state_bytes;
   if (features_ & kFeatureVerify) {
-    Verify v{memory_hash(vm_.memory()), vm_.memory().ram_size()};
+    // Per-piece hashes where the destination takes them: a mismatch then says where.
+    const auto& ram = vm_.memory().regions();
+    Verify v = (features_ & kFeatureVerifyRanges) ? verify_pieces(ram, verify_piece_bytes(vm_.memory().ram_size()))
+                                                  : verify_whole(ram);
     KVMIG_TRY(send_message(*conn_.control, version_, MsgType::verify, encode(v)));
     report_.verified = true;
   }
@@ -85,7 +102,10 @@ Result<void> SourceSession::switchover() {
     KVMIG_TRY(await_round_ack());
     trace_.push_back({"final_ack", Clock::now()});
   }
-  KVMIG_ASSIGN(Message ready, read_control());
+  // READY follows once the destination has loaded the state (and hashed all of memory for
+  // --verify): owed is that work, not the link's.
+  const uint64_t ready_owes = (features_ & kFeatureVerify) ? vm_.memory().ram_size() : 0;
+  KVMIG_ASSIGN(Message ready, read_control_within(reply_deadline(timing_, ready_owes), "READY"));
   trace_.push_back({"ready", Clock::now()});
   if (ready.type() != MsgType::ready)
     return wire_error(WireCode::unexpected, std::string("expected READY, got ") + msg_type_name(ready.type()));

@@ -104,8 +104,6 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracker
         bool any = false;
         for (uint64_t w : words) any |= w != 0;
         if (any) KVMIG_TRY(tracker->rearm_bits(rb->gpa + first * kPageSize, end - first, words));
-        static const long settle_us = getenv("KVMIG_EXPERIMENT_SETTLE_US") ? atol(getenv("KVMIG_EXPERIMENT_SETTLE_US")) : 0;  // TEMP experiment
-        if (any && settle_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(settle_us));
       }
       Result<void> r = ok();
       auto add = [&](uint64_t p, uint64_t n) {

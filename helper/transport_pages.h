@@ -52,6 +52,10 @@ class RoundReceiver {
   void set_anonymous_target(bool on) {
     for (auto& r : receivers_) r->set_anonymous_target(on);
   }
+  // See PageBatchReceiver::set_round_log (--verify's report of where memory differs).
+  void set_round_log(PageRoundLog* log) {
+    for (auto& r : receivers_) r->set_round_log(log);
+  }
 
  private:
   Connection& connection_;

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "helper/verify_memory.h"
+
 namespace kvmig::helper {
 namespace {
 
@@ -243,6 +245,14 @@ Result<BatchStats> PageBatchReceiver::receive(const WireHeader& header,
     return wire_error(WireCode::malformed, "MEM_PAGES: runs hold " + std::to_string(seen_data) +
                                                " data pages, head says " +
                                                std::to_string(data_pages));
+  if (round_log_) {
+    ByteReader runs(std::span<const uint8_t>(meta_).subspan(kBatchHead, nruns * kRunSize), "MEM_PAGES");
+    for (uint32_t i = 0; i < nruns; ++i) {  // checked above: cannot fail
+      const uint64_t gpa = *runs.u64();
+      const uint32_t pages = *runs.u32();
+      round_log_->note(gpa, pages, round_, *runs.u32() == kRunZero);
+    }
+  }
   for (const iovec& z : zeros) zero_pages(static_cast<uint8_t*>(z.iov_base), z.iov_len, anonymous_target_);
   if (compressed) {
     auto rc = decompressor_.decompress(std::span<const uint8_t>(meta_).subspan(meta_len), data);

@@ -25,6 +25,8 @@
 
 namespace kvmig::helper {
 
+class PageRoundLog;  // helper/verify_memory.h
+
 // Host address of [gpa, gpa+len) or nullptr when it is not inside guest RAM (exactly what
 // kvm::GuestMemory::host_ptr does).
 using GpaResolver = std::function<uint8_t*(uint64_t gpa, uint64_t len)>;
@@ -85,6 +87,8 @@ class PageBatchReceiver {
   // some hosts. Without it, or where the kernel refuses (a huge page only partly covered),
   // only pages that are not already zero are written.
   void set_anonymous_target(bool on) { anonymous_target_ = on; }
+  // --verify: record which round last wrote each page (may be null: off).
+  void set_round_log(PageRoundLog* log) { round_log_ = log; }
 
  private:
   Stream& stream_;
@@ -96,6 +100,7 @@ class PageBatchReceiver {
   std::vector<uint8_t> frame_;
   uint32_t round_ = 0;
   bool anonymous_target_ = false;
+  PageRoundLog* round_log_ = nullptr;
 };
 
 }  // namespace kvmig::helper

@@ -61,9 +61,9 @@ Result<helper::SourceOptions> parse_migrate_request(const nlohmann::json& r) {
   if (streams < 1 || streams > static_cast<uint64_t>(helper::kMaxStreams))
     return Error{"migrate: \"streams\" must be 1.." + std::to_string(helper::kMaxStreams)};
   o.streams = static_cast<int>(streams);
-  // "auto" | "on" | "off" (default off, as `kvmig migrate`); true/false from older callers
+  // "auto" | "on" | "off" (default auto, as `kvmig migrate`); true/false from older callers
   // mean on/off.
-  o.compress = helper::CompressMode::off;
+  o.compress = helper::CompressMode::automatic;
   if (r.contains("compress")) {
     const auto& c = r["compress"];
     if (c.is_boolean()) {

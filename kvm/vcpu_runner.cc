@@ -76,7 +76,13 @@ void run_vcpu(Vcpu& vcpu, RunControl& ctl, IoDevices& io, const std::function<vo
   kvm_run* run = vcpu.run();
   t_run = run;
   // After an I/O or MMIO exit, KVM finishes the instruction only on the next KVM_RUN; a
-  // vCPU parked before that would be saved mid-instruction.
+  // vCPU parked before that would be saved mid-instruction. So a pause first re-enters with
+  // immediate_exit set: KVM completes the instruction and returns EINTR without running
+  // another. An instruction that needs more exits (an MMIO access KVM splits in fragments,
+  // e.g. one straddling a page boundary) returns with its next exit instead, which is
+  // handled like any other, and the vCPU re-enters until KVM says EINTR. Parking at that
+  // next exit would drop it: that part of a write never reaches the device, a read would
+  // complete on resume with stale data (tests/integration/vcpu_pause_io_test.cc).
   bool pending_completion = false;
 
   auto end_with = [&](Error e) {
@@ -88,17 +94,11 @@ void run_vcpu(Vcpu& vcpu, RunControl& ctl, IoDevices& io, const std::function<vo
     __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
     if (ctl.stop_requested.load()) break;
     if (ctl.pause_requested.load()) {
-      if (pending_completion) {
-        __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
-        auto r = kvm_ioctl(vcpu.fd(), KVM_RUN, "KVM_RUN");
-        if (!r.ok() && r.error().sys_errno != EAGAIN) {
-          end_with(std::move(r.error().prefix(vcpu_name(vcpu))));
-          break;
-        }
-        pending_completion = false;
+      if (!pending_completion) {
+        park(ctl);
+        continue;
       }
-      park(ctl);
-      continue;
+      __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);  // complete, run no further
     }
 
     auto r = kvm_ioctl(vcpu.fd(), KVM_RUN, "KVM_RUN");

@@ -23,7 +23,9 @@ namespace kvmig::testing {
 class FakeDestination {
  public:
   // ack_*: a hostile ROUND_ACK of round 1; version2: an older destination that never
-  // acknowledges rounds but otherwise completes the migration (DONE after COMMIT).
+  // acknowledges rounds but otherwise completes the migration (DONE after COMMIT);
+  // silent_after_round1 / silent_at_ready: a destination that stops answering (no ROUND_ACK
+  // after round 1 / no READY) but keeps reading, its sockets open.
   enum class Fail {
     garbage_ack,
     wrong_version_ack,
@@ -33,6 +35,8 @@ class FakeDestination {
     ack_extra_pages,
     ack_garbage,
     version2,
+    silent_after_round1,
+    silent_at_ready,
   };
 
   FakeDestination(const std::string& listen, Fail fail, uint64_t memory) : fail_(fail), mem_size_(memory) {
@@ -86,6 +90,7 @@ class FakeDestination {
         // Acknowledged from the control ROUND_END's own counts: what the source expects back.
         auto end = helper::decode_round_end(m->payload);
         if (!end.ok()) break;
+        if (fail_ == Fail::silent_after_round1 && end->round > 1) continue;
         helper::RoundAck a{end->round, end->pages, end->wire_bytes};
         if (fail_ == Fail::ack_wrong_round) a.round += 1;
         if (fail_ == Fail::ack_extra_pages) a.pages += 1;
@@ -94,7 +99,8 @@ class FakeDestination {
         (void)helper::send_message(ctl, version, helper::MsgType::round_ack, payload);
       }
       if (m->type() == helper::MsgType::state && fail_ == Fail::close_at_state) break;
-      if (m->type() == helper::MsgType::state && ++sections_ == 4) (void)helper::send_message(ctl, version, helper::MsgType::ready);
+      if (m->type() == helper::MsgType::state && ++sections_ == 4 && fail_ != Fail::silent_at_ready)
+        (void)helper::send_message(ctl, version, helper::MsgType::ready);
       if (m->type() == helper::MsgType::commit) {
         // close_after_commit: vanish without DONE; an old destination that completes: DONE.
         if (fail_ == Fail::version2) (void)helper::send_message(ctl, version, helper::MsgType::done);

@@ -212,6 +212,38 @@ TEST_F(MigrationFault, DestinationWithoutRoundAcksStillCompletes) {
   EXPECT_EQ(report().value("compressed_batches", -1), 0) << report().dump();
 }
 
+// A destination that stops answering but keeps its sockets open (a hung process: the kernel
+// still acknowledges every byte, so the link timeout never fires, and over a unix socket
+// there is none): the source gives up after its reply deadline (helper/round_timing.h,
+// reply_deadline: 2 s for rounds this small), before COMMIT, and runs on.
+TEST_F(MigrationFault, DestinationThatStopsAnsweringIsADeadlineErrorSourceRunsOn) {
+  REQUIRE_GUEST();
+  Child src = source();
+  const struct {
+    FakeDestination::Fail fail;
+    std::vector<std::string> args;
+    std::string want;
+  } cases[] = {
+      // 5 ms budget: this guest never converges, so round 2 is a live pre-copy round.
+      {FakeDestination::Fail::silent_after_round1, {}, "sent no ROUND_ACK of round 2 within"},
+      // 1 s budget: round 2 is the final, paused round; its ack comes, READY never does.
+      {FakeDestination::Fail::silent_at_ready, {"--max-downtime", "1000"}, "sent no READY within"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.want);
+    ::unlink(path("mig.sock").c_str());
+    FakeDestination fake(sock(), c.fail, kMem);
+    auto begin = std::chrono::steady_clock::now();
+    Child mig = migrate(c.args);
+    EXPECT_EQ(mig.wait(30s), 1) << read_text(path("mig.err"));
+    EXPECT_LT(std::chrono::steady_clock::now() - begin, 20s) << "the deadline, not a link timeout, ended it";
+    EXPECT_EQ(report().value("result", ""), "failed");
+    EXPECT_NE(report().value("error", "").find(c.want), std::string::npos) << report().dump();
+    EXPECT_EQ(report().value("iterations", 0), 2) << report().dump();
+    expect_source_runs_on();
+  }
+}
+
 // The destination's record keeping (helper/session_events.h), with an in-process destination.
 struct RecordingEvents : SessionEvents {
   std::mutex mu;

@@ -1,4 +1,5 @@
 #include "helper/convergence.h"
+#include "helper/round_timing.h"
 
 #include <gtest/gtest.h>
 
@@ -188,6 +189,36 @@ TEST(HotPages, DeferralIsCapped) {
   EXPECT_EQ(defer_hot_pages(streak, send, deferred, 2, 2), 2u);
   EXPECT_EQ(send, bits({2, 3})) << "beyond the cap hot pages are sent as usual";
   EXPECT_EQ(deferred, bits({0, 1}));
+}
+
+// Issue 3: the fixed cost measured from the rounds (round_timing.h) instead of a 1 ms
+// constant. On an idle link (0.3 ms a round) the pages may take over half of the 5 ms; on a
+// loaded one (4 ms a round) the fixed part is capped at 3 ms and the final round must fit in
+// the other 2 ms, whatever the bandwidth: compression's higher bandwidth then buys a final
+// round of the same duration, not a longer one.
+TEST(Convergence, MeasuredFixedCostLeavesTheRestOfTheBudgetToThePages) {
+  auto largest_switching_round = [](double latency, double bandwidth) {
+    RoundTiming t;
+    for (double x : {512e6, 64e6, 4e6}) t.add_round(static_cast<uint64_t>(x), latency + x / bandwidth, false);
+    t.add_harvest(0.0002);
+    ConvergenceInput in = base();
+    in.bandwidth = t.bandwidth();
+    in.state_seconds = planned_fixed_seconds({t.latency(), t.harvest(), 0.0001, 0.0002}, in.max_downtime);
+    uint64_t lo = 0, hi = 1ull << 32;  // bisect the biggest dirty backlog that switches over
+    while (hi - lo > 4096) {
+      in.dirty_bytes = (lo + hi) / 2;
+      (decide_round(in).verdict == Verdict::switch_over ? lo : hi) = in.dirty_bytes;
+    }
+    return lo / bandwidth;  // seconds of pages in the final round
+  };
+  // Idle: 5 - (2 x 0.3 + 0.2 + 0.1 + 0.2 + 1 assumed for the resume) = 2.9 ms of pages, at
+  // either bandwidth.
+  EXPECT_NEAR(largest_switching_round(0.0003, 1e9), 0.0029, 2e-5);
+  EXPECT_NEAR(largest_switching_round(0.0003, 4e9), 0.0029, 2e-5);
+  // Loaded: 2 x 4 ms + ... is over the cap (3 ms): 2 ms of pages; with the old 1 ms constant
+  // it was 4 ms of pages, and a 4x bandwidth meant a 4x bigger final round at 4 ms a round.
+  EXPECT_NEAR(largest_switching_round(0.004, 1e9), 0.002, 2e-5);
+  EXPECT_NEAR(largest_switching_round(0.004, 4e9), 0.002, 2e-5);
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ TEST(MigrateRequest, DefaultsAndFields) {
   EXPECT_FALSE(o->ring);
   EXPECT_EQ(o->granularity, 4096u);
   EXPECT_DOUBLE_EQ(o->max_downtime, 0.005);
-  EXPECT_EQ(o->compress, helper::CompressMode::off);
+  EXPECT_EQ(o->compress, helper::CompressMode::automatic);
   auto p = host::parse_migrate_request({{"to", "unix:/tmp/x"}, {"streams", 4}, {"dirty_tracking", "ring"},
                                         {"granularity", 2 << 20}, {"max_downtime_ms", 10}, {"verify", true},
                                         {"compress", "auto"}});
