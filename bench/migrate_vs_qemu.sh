@@ -196,6 +196,7 @@ if [ $run_qemu = 1 ] && [ $run_kvmig = 1 ]; then
   jq -s -r --arg kc "default${KVMIG_ARGS:+, $KVMIG_ARGS}" '
     def median: sort | if length == 0 then null elif length % 2 == 1 then .[(length - 1) / 2] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
     def r2: if . == null then "-" else (. * 100 | round / 100) end;
+    def r4: if . == null then "-" else (. * 10000 | round / 10000) end;
     group_by(.scenario)[]
     | (map(select(.tool == "kvmig" and .config == $kc and .result == "completed"))) as $k
     | select(($k | length) > 0)
@@ -209,7 +210,7 @@ if [ $run_qemu = 1 ] && [ $run_kvmig = 1 ]; then
     | (if $qb == null then null else $kb / $qb end) as $br
     | [$k[0].scenario, $q[0].config,
        (if $qt == null then "0 (QEMU never completed)" else ($tr | r2) end),
-       (if $br == null then "- (QEMU never completed)" else ($br | r2) end),
+       (if $br == null then "- (QEMU never completed)" else ($br | r4) end),
        "\($kd | r2) / \($kdmax | r2)",
        (if $tr <= 0.3 and ($br == null or $br <= 0.5) and $kdmax <= 5 then "met"
         else "NOT met: " + ([(if $tr > 0.3 then "total" else empty end),
