@@ -17,15 +17,8 @@ ROUNDS=${ROUNDS:-5}
 DATA_MIB=$((SIZE_MIB / 2))
 mkdir -p "$DIR/root"
 IMG=$DIR/image.raw
-dd if=/dev/urandom of="$DIR/chunk" bs=1M count=64 status=none
-rm -f "$IMG"
-truncate -s "${SIZE_MIB}M" "$IMG"
-i=0
-while [ $((i * 128)) -lt "$SIZE_MIB" ]; do
-  dd if="$DIR/chunk" of="$IMG" bs=1M seek=$((i * 128)) conv=notrunc oflag=direct status=none
-  i=$((i + 1))
-done
-rm -f "$DIR/chunk"
+. "$SRC/bench/disk_image.sh"
+make_half_hole_image "$IMG" "$SIZE_MIB"
 fio --name=prep --filename="$DIR/fio.dat" --rw=write --bs=1M --size="${DATA_MIB}M" --direct=1 \
     --ioengine=io_uring --iodepth=32 >/dev/null 2>&1
 sync

@@ -22,14 +22,8 @@ evict() { dd if="$1" iflag=nocache count=0 status=none 2>/dev/null || true; }
 rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.0f", b / s / 1048576 }'; }
 
 # The image: 64 MiB of random data, then 64 MiB of hole, alternating.
-dd if=/dev/urandom of="$DIR/chunk" bs=1M count=64 status=none
-truncate -s "${SIZE_MIB}M" "$IMG"
-i=0
-while [ $((i * 128)) -lt "$SIZE_MIB" ]; do
-  dd if="$DIR/chunk" of="$IMG" bs=1M seek=$((i * 128)) conv=notrunc oflag=direct status=none
-  i=$((i + 1))
-done
-rm -f "$DIR/chunk"
+. "$SRC/bench/disk_image.sh"
+make_half_hole_image "$IMG" "$SIZE_MIB"
 sync
 BYTES=$((SIZE_MIB * 1048576))
 DATA=$(du -B1 "$IMG" | cut -f1)

@@ -46,6 +46,23 @@ std::vector<uint8_t> code_rep_outsb() {
   return c;
 }
 
+// Pauses and resumes `vm` as fast as a throttle would (irregular gaps, so pauses land on
+// different exits) until done() or 60 s, or until the guest's exit ends the VM (pause then
+// fails). Returns how many pauses landed.
+template <class Done>
+int pause_resume_until(Machine& vm, Done done) {
+  int pauses = 0;
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (!done() && std::chrono::steady_clock::now() < deadline) {
+    if (!vm.pause().ok()) break;
+    ++pauses;
+    std::this_thread::sleep_for(200us);
+    if (!vm.resume().ok()) break;
+    std::this_thread::sleep_for(std::chrono::microseconds(300 + pauses % 7 * 100));
+  }
+  return pauses;
+}
+
 TEST(VcpuPause, PausesInsideRepOutsbLoseNoByte) {
   if (::access("/dev/kvm", R_OK | W_OK) != 0) GTEST_SKIP() << "/dev/kvm is not available";
   const std::string dir = test::make_temp_dir("kvmig-pause-io");
@@ -68,17 +85,8 @@ TEST(VcpuPause, PausesInsideRepOutsbLoseNoByte) {
   std::copy(text.begin(), text.end(), host);
 
   ASSERT_TRUE(vm.start().ok());
-  // Pause and resume until the guest has exited (its exit ends the VM; pause then fails or
-  // finds it paused for good): each pause lands on an exit of the rep outsb most of the time.
-  int pauses = 0;
-  const auto deadline = std::chrono::steady_clock::now() + 60s;
-  while (vm.stats().console_bytes < kBytes && std::chrono::steady_clock::now() < deadline) {
-    if (!vm.pause().ok()) break;
-    ++pauses;
-    std::this_thread::sleep_for(200us);
-    if (!vm.resume().ok()) break;
-    std::this_thread::sleep_for(std::chrono::microseconds(300 + pauses % 7 * 100));
-  }
+  // Each pause lands on an exit of the rep outsb most of the time.
+  const int pauses = pause_resume_until(vm, [&] { return vm.stats().console_bytes >= kBytes; });
   auto status = vm.wait();
   ASSERT_TRUE(status.ok()) << status.error().message;
   EXPECT_EQ(*status, 0);
@@ -127,15 +135,7 @@ TEST(VcpuPause, PausesBetweenMmioFragmentsLoseNoFragment) {
   Machine& vm = **m;
   ASSERT_TRUE(vm.load_kernel(kernel, "").ok());
   ASSERT_TRUE(vm.start().ok());
-  int pauses = 0;
-  const auto deadline = std::chrono::steady_clock::now() + 60s;
-  while (vm.stats().unknown_mmio < 2 * kWrites && std::chrono::steady_clock::now() < deadline) {
-    if (!vm.pause().ok()) break;
-    ++pauses;
-    std::this_thread::sleep_for(200us);
-    if (!vm.resume().ok()) break;
-    std::this_thread::sleep_for(std::chrono::microseconds(300 + pauses % 7 * 100));
-  }
+  const int pauses = pause_resume_until(vm, [&] { return vm.stats().unknown_mmio >= 2 * kWrites; });
   auto status = vm.wait();
   ASSERT_TRUE(status.ok()) << status.error().message;
   EXPECT_EQ(*status, 0);
