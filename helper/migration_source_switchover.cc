@@ -1,13 +1,8 @@
 // The source's switch-over and commit: pause, last harvest plus the deferred hot pages,
 // vCPU/device state (and --verify's hash), READY; then COMMIT, DONE, and the release record.
 // From the pause on every step is downtime (KVMIG_TRACE_SWITCHOVER=1 prints each one).
-#include <poll.h>
-
-#include <algorithm>
-#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 
 #include "helper/fault_point.h"
 #include "helper/migration_source_session.h"
@@ -23,22 +18,12 @@ Result<Message> SourceSession::read_control() {
 
 Result<Message> SourceSession::read_control_within(double seconds, const std::string& what) {
   // Waits for the first byte only: a peer that begins a message sends the rest with it, and
-  // a cut link mid-message is the link timeout's. Streams without a descriptor (none in a
-  // real session) are read without a deadline.
-  if (auto* fd_stream = dynamic_cast<FdStream*>(conn_.control.get())) {
-    const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-    for (;;) {
-      const double left_ms = std::chrono::duration<double, std::milli>(until - Clock::now()).count();
-      if (left_ms <= 0) {
-        char buf[160];
-        snprintf(buf, sizeof buf, "the destination sent no %s within %.1f s (stopped answering)", what.c_str(), seconds);
-        return wire_error(WireCode::io, buf);
-      }
-      pollfd p{fd_stream->fd(), POLLIN, 0};
-      int rc = ::poll(&p, 1, static_cast<int>(std::min(left_ms + 1, 60000.0)));
-      if (rc > 0) break;  // readable, closed or failed: read_message() tells which
-      if (rc < 0 && errno != EINTR) return Error{std::string("poll on the control stream: ") + strerror(errno)};
-    }
+  // a cut link mid-message is the link timeout's.
+  KVMIG_ASSIGN(bool readable, wait_readable(*conn_.control, seconds));
+  if (!readable) {
+    char buf[160];
+    snprintf(buf, sizeof buf, "the destination sent no %s within %.1f s (stopped answering)", what.c_str(), seconds);
+    return wire_error(WireCode::io, buf);
   }
   return read_control();
 }

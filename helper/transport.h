@@ -54,6 +54,11 @@ class FdStream final : public Stream {
   std::string name_;
 };
 
+// Waits until `stream` has something to read (data, end of stream or an error: the next
+// read tells which), at most `seconds`. Returns false when the time ran out. A stream without
+// a descriptor (the in-memory pairs of tests) counts as readable: it is read without a deadline.
+Result<bool> wait_readable(Stream& stream, double seconds);
+
 // One migration connection: a control stream (small messages, TCP_NODELAY) and N data
 // streams for MEM_PAGES, each its own socket so N cores and N TCP windows move pages at once.
 struct Connection {

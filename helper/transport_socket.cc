@@ -8,6 +8,8 @@
 #include <sys/un.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -235,6 +237,21 @@ Result<Connection> Listener::accept() {
   conn.control = std::move(slots[0]);
   for (size_t i = 1; i < slots.size(); ++i) conn.data.push_back(std::move(slots[i]));
   return conn;
+}
+
+Result<bool> wait_readable(Stream& stream, double seconds) {
+  auto* fd_stream = dynamic_cast<FdStream*>(&stream);
+  if (!fd_stream) return true;
+  using Clock = std::chrono::steady_clock;
+  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  for (;;) {
+    const double left_ms = std::chrono::duration<double, std::milli>(until - Clock::now()).count();
+    if (left_ms <= 0) return false;
+    pollfd p{fd_stream->fd(), POLLIN, 0};
+    int rc = ::poll(&p, 1, static_cast<int>(std::min(left_ms + 1, 60000.0)));
+    if (rc > 0) return true;  // readable, closed or failed: the read tells which
+    if (rc < 0 && errno != EINTR) return Error::from_errno("poll on " + stream.name());
+  }
 }
 
 }  // namespace kvmig::helper
