@@ -3,6 +3,8 @@
 #include <time.h>
 
 #include <algorithm>
+#include <cstring>
+#include <zstd_errors.h>
 
 #include "helper/wire.h"
 
@@ -92,45 +94,46 @@ Result<bool> PageCompressor::compress(std::span<const iovec> in, std::vector<uin
   const double cpu_begin = thread_cpu_seconds();
   size_t total = 0;
   for (const iovec& v : in) total += v.iov_len;
-  // Stop as soon as the output passes 7/8 of the input: no need to finish a losing frame.
-  size_t limit = total - total / 8;
+  // The guest runs while its pages are compressed, so zstd gets a private copy, taken once.
+  // Compressing live memory in place is not safe even for pages nobody writes: zstd may
+  // encode an unchanged page as a match against another page it read earlier, and if that
+  // page changed between its literal copy and the match check, the unchanged page decodes
+  // as the other page's old bytes. Its dirty bit stays clear, so nothing resends it: a lost
+  // write at the destination (tests/unit/compress_race_test.cc shows it).
+  // With the copy, each page decodes as the copy had it, and a write after the copy is in
+  // the next harvest. The copy costs ~1 ms per 16 MiB batch, against ~3 ms to compress it.
+  if (staging_size_ < total) {
+    staging_ = std::make_unique_for_overwrite<uint8_t[]>(total);
+    staging_size_ = total;
+  }
+  size_t at = 0;
+  for (const iovec& v : in) {
+    std::memcpy(staging_.get() + at, v.iov_base, v.iov_len);
+    at += v.iov_len;
+  }
+  // Stop as soon as the output passes 7/8 of the input: a frame that does not fit in that
+  // is not worth finishing, and zstd gives up at the block that overflows.
+  const size_t limit = total - total / 8;
   // Into a buffer kept from batch to batch: resizing `out` to the bound would zero-fill
   // 16 MiB per batch (and fault it in on the first), more work than compressing sparse pages.
-  const size_t bound = ZSTD_compressBound(total);
-  if (work_size_ < bound) {
-    work_ = std::make_unique_for_overwrite<uint8_t[]>(bound);
-    work_size_ = bound;
+  if (work_size_ < limit) {
+    work_ = std::make_unique_for_overwrite<uint8_t[]>(limit);
+    work_size_ = limit;
   }
-  // No pledged size: zstd sizes its tables for the source size, so batches of varying size
-  // made it reallocate (and, on a fresh heap, fault in) its workspace; tens of ms each time
-  // on the test host, which in the paused round is downtime. Unsized, it is set up once.
-  ZSTD_CCtx_reset(ctx_, ZSTD_reset_session_only);
-  ZSTD_outBuffer ob{work_.get(), bound, 0};
-  bool pays = true;
-  size_t consumed = 0;  // input taken in before the frame finished or lost
-  for (size_t i = 0; i < in.size() && pays; ++i) {
-    ZSTD_inBuffer ib{in[i].iov_base, in[i].iov_len, 0};
-    bool last = i + 1 == in.size();
-    for (;;) {
-      size_t rc = ZSTD_compressStream2(ctx_, &ob, &ib, last ? ZSTD_e_end : ZSTD_e_continue);
-      if (ZSTD_isError(rc))
-        return wire_error(WireCode::internal, std::string("zstd compress: ") + ZSTD_getErrorName(rc));
-      if (ob.pos > limit) {
-        pays = false;
-        break;
-      }
-      if (last ? rc == 0 : ib.pos == ib.size) break;
-    }
-    consumed += ib.pos;
-  }
+  const size_t packed_size = ZSTD_compress2(ctx_, work_.get(), limit, staging_.get(), total);
+  const bool pays = !ZSTD_isError(packed_size);
+  if (!pays && ZSTD_getErrorCode(packed_size) != ZSTD_error_dstSize_tooSmall)
+    return wire_error(WireCode::internal, std::string("zstd compress: ") + ZSTD_getErrorName(packed_size));
   const double cpu = thread_cpu_seconds() - cpu_begin;
   if (cpu > 0) {
+    // A frame given up on stopped where its output passed `limit`, having taken in about
+    // that much: still a measurement, so automatic mode learns on data that does not pay too.
     // Per batch of megabytes the figure is steady; still smooth it, as the data changes.
-    const double rate = static_cast<double>(consumed) / cpu;
+    const double rate = static_cast<double>(pays ? total : limit) / cpu;
     rate_ = rate_ > 0 ? 0.5 * rate_ + 0.5 * rate : rate;
   }
   if (!pays) return false;
-  out.assign(work_.get(), work_.get() + ob.pos);
+  out.assign(work_.get(), work_.get() + packed_size);
   return true;
 }
 

@@ -54,6 +54,7 @@ class PageCompressor {
 
   // Compresses the concatenation of `in` into `out` as one zstd frame. Returns false (send
   // the batch raw) when compression_pays() says no, or the frame is not at least 1/8 smaller.
+  // `in` may be live guest memory: the frame is of one private copy of it, taken first.
   Result<bool> compress(std::span<const iovec> in, std::vector<uint8_t>& out);
 
   // A batch went out raw: `bytes` in `seconds` of writing. This is how the link's rate is
@@ -71,6 +72,10 @@ class PageCompressor {
   double cpu_share_;
   int level_;
   std::vector<uint8_t> sample_;
+  // The batch's pages, copied once, then compressed: up to one batch (16 MiB) per stream for
+  // the migration's length, with work_ about as much again.
+  std::unique_ptr<uint8_t[]> staging_;
+  size_t staging_size_ = 0;
   std::unique_ptr<uint8_t[]> work_;  // the frame as it is made, reused
   size_t work_size_ = 0;
   double rate_ = 0;

@@ -125,7 +125,7 @@ Result<void> PageSender::send_stream(size_t s, uint32_t round, kvm::DirtyTracker
         if (!skip_untouched_ || !residency_.touched(host, n, touched)) touched.assign(n, 1);
         auto is_zero = [&](uint64_t k) { return !touched[k] || page_is_zero(host + k * kPageSize); };
         for (uint64_t i = 0; i < n;) {
-          uint64_t j = i;
+          uint64_t j = i + 1;
           const bool zero = is_zero(i);
           while (j < n && is_zero(j) == zero) ++j;
           if (zero) {
