@@ -16,7 +16,7 @@
 # Uncapped QEMU also runs with multifd, 4 channels compressing with zstd (QEMU_MULTIFD), as
 # kvmig compresses by default; QEMU 7.2 counts those pages before compression, so their bytes
 # are the loopback interface's over the migration (bench/qemu_migration --multifd-zstd).
-# With REPS > 1 every scenario runs REPS times, QEMU and kvmig rows alternating, and a second
+# With REPS > 1 every scenario runs REPS times, the rows in reverse order every other time (use an even REPS), and a second
 # table gives per-config medians and the issue's goals checked on them (kvmig's default row
 # against each QEMU config): first touch of memory on this host varies 0.3-1.7 s per GiB run to
 # run (it is a VM whose free memory goes back to the outer hypervisor), so one run proves little.
@@ -149,28 +149,40 @@ if [ $run_kvmig = 1 ] && ! why=$(kvmig_available); then
   not_run+=("kvmig rows: NOT RUN: $why")
   run_kvmig=0
 fi
+# Each row is one line "tool|config|args..." (args separated by |). Odd reps run a scenario's
+# rows in this order, even reps in reverse, so no config always comes right after the same
+# one: on this host the first touch of memory another process just freed costs more or less
+# depending on what ran before (session 5 saw kvmig's first row after QEMU's pay 2-3x in round 1).
+rows_of() {  # rep
+  local rep=$1
+  if [ $run_qemu = 1 ]; then
+    if [ "$rep" -le "$QEMU_CAPPED_REPS" ]; then
+      echo "qemu|default"
+      echo "qemu|downtime 10 ms|--downtime-ms|10"
+    fi
+    if [ "$QEMU_UNCAPPED" = 1 ]; then
+      echo "qemu|uncapped|--max-bandwidth|$QEMU_UNCAPPED_BW"
+      echo "qemu|uncapped, downtime 10 ms|--max-bandwidth|$QEMU_UNCAPPED_BW|--downtime-ms|10"
+      if [ "$QEMU_MULTIFD" -gt 0 ]; then
+        echo "qemu|uncapped, multifd zstd|--max-bandwidth|$QEMU_UNCAPPED_BW|--multifd-zstd|$QEMU_MULTIFD"
+        echo "qemu|uncapped, multifd zstd, downtime 10 ms|--max-bandwidth|$QEMU_UNCAPPED_BW|--multifd-zstd|$QEMU_MULTIFD|--downtime-ms|10"
+      fi
+    fi
+  fi
+  if [ $run_kvmig = 1 ]; then
+    echo "kvmig|default${KVMIG_ARGS:+, $KVMIG_ARGS}"
+    echo "kvmig|downtime 10 ms${KVMIG_ARGS:+, $KVMIG_ARGS}|--max-downtime|10"
+  fi
+}
 for rep in $(seq "$REPS"); do
+  mapfile -t rows < <(rows_of "$rep")
   for s in $scenarios; do
     [ "$REPS" -gt 1 ] && echo "--- run $rep of $REPS: $s" >&2
-    if [ $run_qemu = 1 ]; then
-      if [ "$rep" -le "$QEMU_CAPPED_REPS" ]; then
-        qemu_row "$s" default
-        qemu_row "$s" "downtime 10 ms" --downtime-ms 10
-      fi
-      if [ "$QEMU_UNCAPPED" = 1 ]; then
-        qemu_row "$s" "uncapped" --max-bandwidth "$QEMU_UNCAPPED_BW"
-        qemu_row "$s" "uncapped, downtime 10 ms" --max-bandwidth "$QEMU_UNCAPPED_BW" --downtime-ms 10
-        if [ "$QEMU_MULTIFD" -gt 0 ]; then
-          qemu_row "$s" "uncapped, multifd zstd" --max-bandwidth "$QEMU_UNCAPPED_BW" --multifd-zstd "$QEMU_MULTIFD"
-          qemu_row "$s" "uncapped, multifd zstd, downtime 10 ms" --max-bandwidth "$QEMU_UNCAPPED_BW" \
-            --multifd-zstd "$QEMU_MULTIFD" --downtime-ms 10
-        fi
-      fi
-    fi
-    if [ $run_kvmig = 1 ]; then
-      kvmig_row "$s" "default${KVMIG_ARGS:+, $KVMIG_ARGS}"
-      kvmig_row "$s" "downtime 10 ms${KVMIG_ARGS:+, $KVMIG_ARGS}" --max-downtime 10
-    fi
+    for i in "${!rows[@]}"; do
+      k=$(( rep % 2 == 1 ? i : ${#rows[@]} - 1 - i ))
+      IFS='|' read -r -a row <<<"${rows[$k]}"
+      if [ "${row[0]}" = qemu ]; then qemu_row "$s" "${row[@]:1}"; else kvmig_row "$s" "${row[@]:1}"; fi
+    done
   done
 done
 
