@@ -120,6 +120,10 @@ Result<bool> PageCompressor::compress(std::span<const iovec> in, std::vector<uin
     work_ = std::make_unique_for_overwrite<uint8_t[]>(limit);
     work_size_ = limit;
   }
+  // One call with the size known. The streaming path used before left the size unknown, for
+  // fear that zstd would reallocate its workspace as batch sizes vary; measured with
+  // ZSTD_compress2 at level 1, a 64 KiB batch after a 16 MiB one took 0.02-0.05 ms, no
+  // reallocation seen (its tables only grow with the source up to the 512 KiB window).
   const size_t packed_size = ZSTD_compress2(ctx_, work_.get(), limit, staging_.get(), total);
   const bool pays = !ZSTD_isError(packed_size);
   if (!pays && ZSTD_getErrorCode(packed_size) != ZSTD_error_dstSize_tooSmall)
