@@ -35,16 +35,10 @@ constexpr uint64_t kDisk = 128 * kMiB;
 class DiskChainMigration : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/var/tmp/kvmig-chainmig-XXXXXX";  // not tmpfs: O_DIRECT, holes
-    dir_ = ::mkdtemp(tmpl);
     std::filesystem::create_directory(dst(""));
   }
-  void TearDown() override {
-    if (!HasFailure() && !std::getenv("KVMIG_KEEP")) std::system(("rm -rf " + dir_).c_str());
-    else std::fprintf(stderr, "kept %s\n", dir_.c_str());
-  }
-  std::string path(const std::string& name) const { return dir_ + "/" + name; }
-  std::string dst(const std::string& name) const { return dir_ + "/dst/" + name; }
+  std::string path(const std::string& name) const { return scratch_.path(name); }
+  std::string dst(const std::string& name) const { return scratch_.path("dst/" + name); }
 
   // A sparse base with 16 MiB of data, then `kvmig disk snapshot`: the VM runs on the delta.
   void make_chain() {
@@ -118,7 +112,7 @@ class DiskChainMigration : public ::testing::Test {
     return h.ok() ? *h : 0;
   }
 
-  std::string dir_;
+  ScratchDir scratch_{"/var/tmp/kvmig-chainmig"};  // not tmpfs: O_DIRECT, holes
 };
 
 TEST_F(DiskChainMigration, HeldBaseIsNotSentAndTheGuestVerifiesAtTheDestination) {
@@ -193,7 +187,7 @@ TEST_F(DiskChainMigration, HostileChainFieldsEndTheReceiveWithOneLine) {
   EXPECT_NE(err.find("[malformed]"), std::string::npos) << err;
   EXPECT_NE(err.find("contains '/'"), std::string::npos) << err;
   EXPECT_NE(::access(dst("top.raw").c_str(), F_OK), 0) << "nothing created";
-  EXPECT_NE(::access((dir_ + "/escape.raw").c_str(), F_OK), 0);
+  EXPECT_NE(::access(path("escape.raw").c_str(), F_OK), 0);
 }
 
 }  // namespace

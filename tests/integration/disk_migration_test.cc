@@ -32,15 +32,7 @@ constexpr uint64_t kDisk = 256 * kMiB;
 
 class DiskMigration : public ::testing::TestWithParam<std::string> {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/var/tmp/kvmig-diskmig-XXXXXX";  // not tmpfs: O_DIRECT, holes
-    dir_ = ::mkdtemp(tmpl);
-  }
-  void TearDown() override {
-    if (!HasFailure() && !std::getenv("KVMIG_KEEP")) std::system(("rm -rf " + dir_).c_str());
-    else std::fprintf(stderr, "kept %s\n", dir_.c_str());
-  }
-  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+  std::string path(const std::string& name) const { return scratch_.path(name); }
 
   // A sparse image with 32 MiB of data at its start: a bulk copy, holes, and room to write.
   void make_image() {
@@ -80,7 +72,7 @@ class DiskMigration : public ::testing::TestWithParam<std::string> {
   }
   nlohmann::json report() { return nlohmann::json::parse(read_text(path("mig.out")), nullptr, false); }
 
-  std::string dir_;
+  ScratchDir scratch_{"/var/tmp/kvmig-diskmig"};  // not tmpfs: O_DIRECT, holes
 };
 
 TEST_P(DiskMigration, GuestKeepsVerifyingMemoryAndDiskAtTheDestination) {

@@ -28,15 +28,7 @@ constexpr uint64_t kMem = 256ull << 20;
 
 class MigrationFault : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/kvmig-migfault-XXXXXX";
-    dir_ = ::mkdtemp(tmpl);
-  }
-  void TearDown() override {
-    if (!HasFailure() && !std::getenv("KVMIG_KEEP")) std::system(("rm -rf " + dir_).c_str());
-    else std::fprintf(stderr, "kept %s\n", dir_.c_str());
-  }
-  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+  std::string path(const std::string& name) const { return scratch_.path(name); }
   std::string sock() const { return "unix:" + path("mig.sock"); }
 
   // A guest that never converges under a 1 us budget and never ends by itself.
@@ -81,7 +73,7 @@ class MigrationFault : public ::testing::Test {
     EXPECT_TRUE(r.errors.empty());
   }
 
-  std::string dir_;
+  ScratchDir scratch_{"/tmp/kvmig-migfault"};
 };
 
 TEST_F(MigrationFault, DestinationKilledDuringPrecopySourceRunsOn) {

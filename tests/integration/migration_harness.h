@@ -8,7 +8,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <gtest/gtest.h>
+
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <optional>
@@ -31,6 +38,34 @@ inline std::string guest64_path() {
   std::string p = KVMIG_GUEST;
   return p.substr(0, p.rfind("kvmig-guest.elf")) + "kvmig-guest64.elf";
 }
+
+// A test's scratch directory, made fresh for it. Removed when the test passed; kept (and
+// named on stderr) when it failed or KVMIG_KEEP is set, so the logs can be read.
+class ScratchDir {
+ public:
+  // `prefix` e.g. "/tmp/kvmig-migration"; six random characters are added.
+  explicit ScratchDir(const std::string& prefix) {
+    std::string tmpl = prefix + "-XXXXXX";
+    if (::mkdtemp(tmpl.data())) dir_ = tmpl;
+    EXPECT_FALSE(dir_.empty()) << "mkdtemp " << tmpl << ": " << std::strerror(errno);
+  }
+  ~ScratchDir() {
+    if (dir_.empty()) return;
+    if (!::testing::Test::HasFailure() && !std::getenv("KVMIG_KEEP")) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir_, ec);
+    } else {
+      std::fprintf(stderr, "kept %s\n", dir_.c_str());
+    }
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  const std::string& dir() const { return dir_; }
+  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+
+ private:
+  std::string dir_;
+};
 
 inline std::string read_text(const std::string& path) {
   std::stringstream ss;

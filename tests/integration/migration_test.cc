@@ -19,15 +19,7 @@ using namespace std::chrono_literals;
 
 class Migration : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/kvmig-migration-XXXXXX";
-    dir_ = ::mkdtemp(tmpl);
-  }
-  void TearDown() override {
-    if (!HasFailure() && !std::getenv("KVMIG_KEEP")) std::system(("rm -rf " + dir_).c_str());
-    else std::fprintf(stderr, "kept %s\n", dir_.c_str());
-  }
-  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+  std::string path(const std::string& name) const { return scratch_.path(name); }
 
   // Starts the source and waits until every vCPU reported a pass (first touch is over).
   Child source(SourceSpec spec) {
@@ -56,7 +48,7 @@ class Migration : public ::testing::Test {
     return {st.value_or(-1), j};
   }
 
-  std::string dir_;
+  ScratchDir scratch_{"/tmp/kvmig-migration"};
 };
 
 // Pages verified on the destination, counters on from where the source left them.

@@ -35,16 +35,8 @@ uint64_t guest_ram_address(pid_t pid, uint64_t bytes) {
 
 class VerifyMismatch : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/kvmig-verify-XXXXXX";
-    dir_ = ::mkdtemp(tmpl);
-  }
-  void TearDown() override {
-    if (!HasFailure() && !std::getenv("KVMIG_KEEP")) std::system(("rm -rf " + dir_).c_str());
-    else std::fprintf(stderr, "kept %s\n", dir_.c_str());
-  }
-  std::string path(const std::string& name) const { return dir_ + "/" + name; }
-  std::string dir_;
+  std::string path(const std::string& name) const { return scratch_.path(name); }
+  ScratchDir scratch_{"/tmp/kvmig-verify"};
 };
 
 TEST_F(VerifyMismatch, AWriteTheDirtyLogMissedIsNamedAndTheSourceRunsOn) {
